@@ -1,0 +1,126 @@
+"""Fine-tuning on Ray Train: bad input fails before training, a killed run resumes, and real data learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from conftest import ROOT, data_path
+
+VEMSCALE = [sys.executable, "-m", "vemscale.cli"]
+
+
+def _vnc(slices: str, labels: str = "labels_mitochondria.tif") -> dict:
+    return {
+        "image": str(data_path("vnc_drosophila_sstem", "train", "image.tif")),
+        "labels": str(data_path("vnc_drosophila_sstem", "train", labels)),
+        "slices": slices,
+    }
+
+
+def _write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def _run(args, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(VEMSCALE + args, capture_output=True, text=True, cwd=ROOT, env=env, **kw)
+
+
+# --- bad input: each fails with exit 2 and a message before any training starts -------------------------
+
+
+def test_labels_shape_mismatch(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((2, 64, 64), np.uint8))
+    tifffile.imwrite(tmp_path / "lab.tif", np.zeros((2, 64, 32), np.uint8))
+    cfg = _write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),
+                        data={"train": [{"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.tif")}]})
+    r = _run(["finetune", str(cfg)])
+    assert r.returncode == 2, r.stderr
+    assert "(2, 64, 32)" in r.stderr and "same voxels" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_label_values_outside_classes(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((2, 64, 64), np.uint8))
+    lab = np.zeros((2, 64, 64), np.uint8)
+    lab[0, :4, :4] = 3
+    tifffile.imwrite(tmp_path / "lab.tif", lab)
+    cfg = _write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),
+                        data={"train": [{"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.tif")}],
+                              "classes": ["background", "mito"]})
+    r = _run(["finetune", str(cfg)])
+    assert r.returncode == 2 and "declares 2 classes" in r.stderr and "[0, 3]" in r.stderr
+
+
+def test_empty_training_set_missing_file_and_bad_key(tmp_path):
+    r = _run(["finetune", f"run_dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and "training set is empty" in r.stderr
+    cfg = _write_config(tmp_path / "c.yaml", data={"train": [{"image": str(tmp_path / "nope.tif"), "labels": str(tmp_path / "nope.tif")}]})
+    r = _run(["finetune", str(cfg), f"run_dir={tmp_path / 'run'}"])
+    assert r.returncode == 2 and "nope.tif" in r.stderr and "does not exist" in r.stderr
+    r = _run(["finetune", "configs/finetune_vnc_mito.yaml", "train.iteratons=3"])
+    assert r.returncode == 2 and "unknown config key 'train.iteratons'" in r.stderr and "iterations" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --- kill and resume ---------------------------------------------------------------------------------------
+
+
+def _checkpoint_iterations(run_dir: Path) -> list[int]:
+    its = []
+    for meta in (run_dir / "ray").glob("**/checkpoint_*/vemscale.json"):
+        try:
+            its.append(json.loads(meta.read_text())["iteration"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return sorted(its)
+
+
+def test_kill_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _write_config(
+        tmp_path / "c.yaml", run_dir=str(run_dir),
+        data={"train": [_vnc("0:2")], "val": [_vnc("16:17")], "classes": ["background", "mitochondria"]},
+        model={"name": "tiny"},
+        train={"iterations": 40, "batch_size": 2, "crop": 128, "log_every": 5, "val_every": 40, "checkpoint_every": 10},
+    )
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(VEMSCALE + ["finetune", str(cfg)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not _checkpoint_iterations(run_dir):
+            assert proc.poll() is None, "fine-tuning ended before it could be killed"
+            time.sleep(1)
+        killed_after = _checkpoint_iterations(run_dir)
+        assert killed_after, "no checkpoint appeared within 300 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert max(killed_after) < 40
+    time.sleep(3)
+    saved = max(_checkpoint_iterations(run_dir))  # the newest complete checkpoint the rerun will find
+
+    r = _run(["finetune", str(cfg), "--json"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["metrics"]["resumed_from"] == saved
+    assert f"resumed from the checkpoint at iteration {saved}" in r.stdout
+    meta = json.loads((Path(result["checkpoint"]) / "vemscale.json").read_text())
+    assert meta["iteration"] == 40
+    rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows == sorted(set(rows)) and rows[-1] == 40  # one row per logged iteration, none repeated

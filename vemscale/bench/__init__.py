@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m vemscale.bench.<stage>` prints a small table of throughput numbers."""

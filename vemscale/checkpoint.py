@@ -1,0 +1,111 @@
+"""Self-describing checkpoints: a directory with weights and everything inference needs to use them.
+
+    <dir>/vemscale.json   model spec, classes, input normalisation, tile grid, voxel size, training config
+    <dir>/model.pt        model state_dict
+    <dir>/train_state.pt  optimizer/scheduler/RNG state for resuming (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vemscale.errors import UserError
+
+META_FILE = "vemscale.json"
+WEIGHTS_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointMeta(BaseModel):
+    """What a checkpoint says about itself."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    kind: str = "segmentation"  # "segmentation" | "pretrain"
+    model: dict[str, Any]  # create_model(**model) rebuilds the architecture
+    classes: list[str] = Field(default_factory=lambda: ["background", "foreground"])
+    normalization: dict[str, Any] = Field(default_factory=lambda: {"scale": 255.0, "mean": [0.5], "std": [0.25]})
+    tile: int = 256
+    margin: int = 32
+    voxel_size_xyz: list[float] | None = None
+    planes: str = "xy"
+    iteration: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    train_config: dict[str, Any] = Field(default_factory=dict)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta, train_state: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically (written aside, then renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save(_unwrap(model).state_dict(), tmp / WEIGHTS_FILE)
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """The checkpoint's metadata; a clear UserError when the directory is not a vemscale checkpoint."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} does not exist or is not a directory")
+    if not meta_file.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise UserError(
+            f"checkpoint {str(path)!r} is not a vemscale checkpoint: expected {META_FILE} and {WEIGHTS_FILE} in it"
+        )
+    try:
+        meta = CheckpointMeta.model_validate(json.loads(meta_file.read_text()))
+    except (json.JSONDecodeError, ValidationError) as err:
+        raise UserError(f"checkpoint {str(path)!r} has an unreadable {META_FILE}: {err}") from None
+    if meta.format_version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {str(path)!r} has format {meta.format_version}; this vemscale reads up to {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, CheckpointMeta]:
+    """Rebuild the model from the checkpoint alone and load its weights (eval mode)."""
+    from vemscale.models import create_model
+
+    meta = read_meta(path)
+    model = create_model(**meta.model)
+    try:
+        state = torch.load(Path(path) / WEIGHTS_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # corrupt file or architecture mismatch
+        raise UserError(f"checkpoint {str(path)!r}: cannot load weights into {meta.model.get('name')}: {err}") from None
+    return model.to(device).eval(), meta
+
+
+def load_train_state(path: str | Path) -> dict | None:
+    """Optimizer/scheduler/RNG state saved for resuming, if the checkpoint has it."""
+    f = Path(path) / STATE_FILE
+    return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None

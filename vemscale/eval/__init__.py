@@ -1,0 +1,1 @@
+"""Scoring predictions against ground truth: per-block metrics (`metrics`) and the blockwise `evaluate` stage."""

@@ -1,0 +1,10 @@
+"""Volume I/O: open any supported volume URL as a lazy z,y,x array, create OME-Zarr outputs, ingest files.
+
+    from vemscale.io import open_volume, create_ome_zarr
+    vol = open_volume("s3://bucket/em.ome.zarr", scale=1)   # or .tif, file.h5:/raw, .mrc, n5, precomputed://
+    block = vol.read((slice(0, 16), slice(0, 512), slice(0, 512)))
+"""
+
+from vemscale.io.volume import ACCEPTED_FORMATS, Volume, array_volume, create_ome_zarr, open_volume, parse_voxel_size
+
+__all__ = ["ACCEPTED_FORMATS", "Volume", "array_volume", "create_ome_zarr", "open_volume", "parse_voxel_size"]

@@ -1,0 +1,144 @@
+"""Labelled 2D training crops from EM volumes: load the labelled slices, check them, sample random crops.
+
+Labelled data in vEM is a few slices (the RETINA premise), so the chosen slices are held in memory; the
+image volumes themselves may be of any size, since only the named z range is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vemscale.errors import UserError
+
+
+def parse_range(text: str | None, size: int, what: str = "slices") -> slice:
+    """'a:b' (either side optional, negatives from the end) -> slice within [0, size); None -> everything."""
+    if text is None or str(text).strip() in ("", ":"):
+        return slice(0, size)
+    parts = str(text).split(":")
+    if len(parts) != 2:
+        raise UserError(f"{what} {text!r} must look like 'start:stop', e.g. '0:16'")
+    try:
+        lo = int(parts[0]) if parts[0].strip() else 0
+        hi = int(parts[1]) if parts[1].strip() else size
+    except ValueError:
+        raise UserError(f"{what} {text!r} must hold integers, e.g. '0:16'") from None
+    lo, hi = (lo + size if lo < 0 else lo), (hi + size if hi < 0 else hi)
+    if not 0 <= lo < hi <= size:
+        raise UserError(f"{what} {text!r} is empty or outside the volume's {size} slices")
+    return slice(lo, hi)
+
+
+@dataclass
+class LabelledStack:
+    """Image (C, Z, Y, X) raw values and labels (Z, Y, X) uint8 class ids of the chosen slices."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    name: str
+    voxel_size_xyz: tuple[float, float, float] | None
+
+
+def load_labelled(image_url: str, labels_url: str, slices: str | None, num_classes: int) -> LabelledStack:
+    """Read the z range `slices` of an image and its labels, failing clearly on any mismatch."""
+    from vemscale.io.volume import open_volume
+
+    img = open_volume(image_url)
+    lab = open_volume(labels_url)
+    img_zyx = img.shape[-3:] if img.ndim >= 3 else (1,) + tuple(img.shape)
+    lab_zyx = lab.shape[-3:] if lab.ndim >= 3 else (1,) + tuple(lab.shape)
+    if tuple(img_zyx) != tuple(lab_zyx):
+        raise UserError(
+            f"labels {labels_url!r} have shape {tuple(lab.shape)} (z,y,x) but image {image_url!r} has {tuple(img.shape)}; "
+            "they must cover the same voxels"
+        )
+    if not np.issubdtype(lab.dtype, np.integer) and lab.dtype != np.bool_:
+        raise UserError(f"labels {labels_url!r} have dtype {lab.dtype}; expected integer class ids")
+    zs = parse_range(slices, img_zyx[0])
+    image = img.read((slice(None),) * (img.ndim - 3) + (zs,)) if img.ndim >= 3 else img.read()[None]
+    image = image if image.ndim == 4 else image[None]
+    labels = lab.read((zs,)) if lab.ndim >= 3 else lab.read()[None]
+    labels = np.asarray(labels)
+    top = int(labels.max()) if labels.size else 0
+    if top >= num_classes or (labels.size and int(labels.min()) < 0):
+        found = np.unique(labels)
+        raise UserError(
+            f"labels {labels_url!r} hold values {found[:10].tolist()} but the config declares {num_classes} classes "
+            f"(ids 0..{num_classes - 1}); fix data.classes or the labels"
+        )
+    return LabelledStack(image, labels.astype(np.uint8), f"{image_url}[{zs.start}:{zs.stop}]", img.voxel_size_xyz)
+
+
+def dtype_scale(dtype: np.dtype) -> float:
+    """The value that maps to 1.0: the integer max for integer images, 1 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
+def channel_stats(stacks: list[LabelledStack], scale: float) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images after dividing by `scale` (for normalisation)."""
+    c = stacks[0].image.shape[0]
+    s1, s2, n = np.zeros(c), np.zeros(c), 0
+    for st in stacks:
+        x = st.image.reshape(c, -1).astype(np.float64) / scale
+        s1 += x.sum(1)
+        s2 += (x**2).sum(1)
+        n += x.shape[1]
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def plane_axes(planes: str, voxel_size_xyz) -> list[int]:
+    """Axes to slice along: [0] = xy slices; [0,1,2] = xy, xz, yz (isotropic data, as RETINA did for UroCell)."""
+    if planes == "xy":
+        return [0]
+    if planes == "all":
+        return [0, 1, 2]
+    if planes == "auto":
+        if voxel_size_xyz is None:
+            return [0]
+        x, y, z = voxel_size_xyz
+        return [0, 1, 2] if max(x, y, z) <= 2 * min(x, y, z) else [0]
+    raise UserError(f"planes must be xy, all or auto, got {planes!r}")
+
+
+class CropSampler:
+    """Random 2D crops (image (C,T,T) raw, labels (T,T)) from labelled stacks, along the chosen plane axes."""
+
+    def __init__(self, stacks: list[LabelledStack], crop: int, axes: list[int], seed: int):
+        if not stacks:
+            raise UserError("the training set is empty: give at least one labelled volume under data.train")
+        self.stacks, self.crop, self.axes = stacks, crop, axes
+        sizes = np.array([st.labels.size for st in stacks], np.float64)
+        self.p = sizes / sizes.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def _plane(self, st: LabelledStack, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        i = int(self.rng.integers(st.labels.shape[axis]))
+        img = np.take(st.image, i, axis=axis + 1)
+        lab = np.take(st.labels, i, axis=axis)
+        return img, lab
+
+    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self.crop
+        c = self.stacks[0].image.shape[0]
+        imgs = np.empty((batch, c, t, t), self.stacks[0].image.dtype)
+        labs = np.empty((batch, t, t), np.int64)
+        for b in range(batch):
+            st = self.stacks[int(self.rng.choice(len(self.stacks), p=self.p))]
+            axis = self.axes[int(self.rng.integers(len(self.axes)))]
+            img, lab = self._plane(st, axis)
+            h, w = lab.shape
+            if h < t or w < t:  # small planes are mirror-padded up to the crop size
+                ph, pw = max(0, t - h), max(0, t - w)
+                img = np.pad(img, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+                lab = np.pad(lab, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+                h, w = lab.shape
+            y = int(self.rng.integers(h - t + 1))
+            x = int(self.rng.integers(w - t + 1))
+            imgs[b] = img[:, y : y + t, x : x + t]
+            labs[b] = lab[y : y + t, x : x + t]
+        return imgs, labs

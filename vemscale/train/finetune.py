@@ -1,0 +1,283 @@
+"""Stage `finetune`: train a segmentation model on labelled EM slices with Ray Train, report held-out IoU.
+
+Inputs are checked in the driver before any worker starts; the run lives in `run_dir` (Ray Train storage,
+metrics.csv, metrics.png, and the final self-describing checkpoint in `run_dir/checkpoint`). Rerunning the
+same config with the same run_dir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vemscale.config import Strict, StageConfig, absolute_url, load_config
+from vemscale.errors import UserError
+from vemscale.train.augment import AugmentConfig
+
+log = logging.getLogger(__name__)
+
+
+class LabelledVolume(Strict):
+    """An image volume, its labels (class ids, or 0/1 for one class) and the z range of labelled slices."""
+
+    image: str
+    labels: str
+    slices: str | None = None  # "z0:z1"; all slices when omitted
+
+
+class DataConfig(Strict):
+    train: list[LabelledVolume] = Field(default_factory=list)
+    val: list[LabelledVolume] = Field(default_factory=list)
+    classes: list[str] = Field(default_factory=lambda: ["background", "foreground"])
+    planes: Literal["xy", "all", "auto"] = "xy"  # all = xy+xz+yz crops (isotropic data)
+    voxel_size_xyz: tuple[float, float, float] | None = None  # nm; read from the image when omitted
+    mean: list[float] | None = None  # input normalisation after scaling to [0,1]; measured on train when omitted
+    std: list[float] | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _two_classes(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("need at least two classes, e.g. [background, mitochondria]")
+        return v
+
+
+class ModelConfig(Strict):
+    name: str = "tiny"  # a name from vemscale.models.list_models()
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    iterations: int = Field(1500, gt=0)
+    batch_size: int = Field(8, gt=0)  # global, split across workers
+    crop: int = 256
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    warmup: int = 0
+    loss: Literal["ce", "dice", "ce_dice"] = "ce_dice"
+    log_every: int = Field(25, gt=0)
+    val_every: int = Field(250, gt=0)
+    checkpoint_every: int = Field(250, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    seed: int = 0
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: int | None = None  # default: the local CPUs split across workers
+    use_gpu: bool | Literal["auto"] = "auto"
+
+    @field_validator("crop")
+    @classmethod
+    def _crop16(cls, v: int) -> int:
+        if v <= 0 or v % 16:
+            raise ValueError("crop must be a positive multiple of 16")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainConfig":
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by workers {self.workers}")
+        return self
+
+
+class TileConfig(Strict):
+    """How validation (and, by default, inference with this checkpoint) tiles slices."""
+
+    tile: int = 256
+    margin: int = 32
+    batch_size: int = 4
+
+
+class FinetuneConfig(StageConfig):
+    run_dir: Path = Path("runs/finetune")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    tiles: TileConfig = Field(default_factory=TileConfig)
+    init: str | None = None  # a pre-training or segmentation checkpoint to start from
+    transfer: Literal["all", "encoder", "transformer", "none"] = "all"
+    freeze: Literal["none", "encoder", "transformer"] = "none"
+
+
+METRIC_COLUMNS = ["iteration", "resumed_from", "loss", "lr", "images_per_s", "val_iou", "best_val_iou"]
+
+
+def _metrics_logger(run_dir: Path):
+    """A Ray Train callback (driver side) that appends rank 0's reports to metrics.csv and redraws the plot."""
+    from ray.train import UserCallback
+
+    class MetricsLogger(UserCallback):
+        def __init__(self) -> None:
+            self.path = run_dir / "metrics.csv"
+            self.first = True
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            m = metrics[0]
+            rows = read_metrics(self.path)
+            if self.first:  # a resumed run restarts after its checkpoint: drop rows it will report again
+                rows = [r for r in rows if float(r["iteration"]) <= m["resumed_from"]]
+                self.first = False
+                if m["resumed_from"]:
+                    print(f"[vemscale] resumed from the checkpoint at iteration {m['resumed_from']}", flush=True)
+            cols = list(dict.fromkeys(METRIC_COLUMNS + sorted(k for k in m if k not in METRIC_COLUMNS)))
+            rows.append({c: m.get(c, "") for c in cols})
+            write_metrics(self.path, rows, cols)
+            msg = f"[vemscale] it {m['iteration']} loss {m['loss']:.4f} lr {m['lr']:.2e} {m['images_per_s']:.1f} img/s"
+            if "val_iou" in m:
+                msg += f" val_iou {m['val_iou']:.4f}"
+                plot_metrics(self.path, run_dir / "metrics.png")
+            print(msg, flush=True)
+
+    return MetricsLogger()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(path: Path, rows: list[dict], cols: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_metrics(csv_path: Path, png_path: Path) -> None:
+    """Loss and validation IoU against iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(csv_path)
+    it = [float(r["iteration"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    val = [(float(r["iteration"]), float(r["val_iou"])) for r in rows if r.get("val_iou") not in (None, "")]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(it, loss)
+    ax[0].set(xlabel="iteration", ylabel="training loss", title="loss")
+    if val:
+        ax[1].plot(*zip(*val), marker="o")
+    ax[1].set(xlabel="iteration", ylabel="IoU (foreground mean)", title="held-out IoU", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Check every input and derive what workers need (normalisation, voxel size) before training starts."""
+    from vemscale.models import create_model
+    from vemscale.train.data import channel_stats, dtype_scale, load_labelled
+
+    if not cfg.data.train:
+        raise UserError("the training set is empty: list labelled volumes under data.train (image, labels, slices)")
+    create_model(cfg.model.name, num_classes=len(cfg.data.classes), **cfg.model.kwargs)  # name check, early
+    k = len(cfg.data.classes)
+    stacks = [load_labelled(s.image, s.labels, s.slices, k) for s in cfg.data.train]
+    val = [load_labelled(s.image, s.labels, s.slices, k) for s in cfg.data.val]
+    chans = {st.image.shape[0] for st in stacks + val}
+    if len(chans) != 1:
+        raise UserError(f"all volumes must have the same number of channels, found {sorted(chans)}")
+    dtypes = {st.image.dtype for st in stacks}
+    if len(dtypes) != 1:
+        raise UserError(f"training images mix dtypes {sorted(map(str, dtypes))}; convert them to one")
+    if cfg.init:
+        from vemscale.checkpoint import read_meta
+
+        read_meta(cfg.init)
+    scale = dtype_scale(stacks[0].image.dtype)
+    mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else channel_stats(stacks, scale)
+    voxel = cfg.data.voxel_size_xyz or stacks[0].voxel_size_xyz
+    return {
+        "normalization": {"scale": scale, "mean": list(mean), "std": list(std)},
+        "voxel_size_xyz": list(voxel) if voxel else None,
+        "in_chans": chans.pop(),
+    }
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a fine-tuning run; returns the checkpoint path and the final metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vemscale.raycluster import cluster_has_gpus, ensure_ray
+    from vemscale.train.loop import train_loop_per_worker
+
+    derived = prepare(cfg)
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
+    cpus = cfg.train.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.train.workers)
+    worker_cfg = cfg.model_dump(mode="json")
+    for split in ("train", "val"):  # workers do not share the driver's working directory
+        for src in worker_cfg["data"][split]:
+            src["image"], src["labels"] = absolute_url(src["image"]), absolute_url(src["labels"])
+    if worker_cfg.get("init"):
+        worker_cfg["init"] = absolute_url(worker_cfg["init"])
+    worker_cfg.update(derived, config=cfg.model_dump(mode="json"), threads=cpus)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(run_dir / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=[_metrics_logger(run_dir)],
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"fine-tuning failed: {result.error}")
+    final = run_dir / "checkpoint"
+    with result.checkpoint.as_directory() as d:
+        tmp = run_dir / ".checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {
+        "checkpoint": str(final),
+        "metrics_csv": str(run_dir / "metrics.csv"),
+        "plot": str(run_dir / "metrics.png"),
+        "metrics": metrics,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (see configs/finetune_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.iterations=200 run_dir=runs/x")
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides
+    cfg = load_config(FinetuneConfig, config, overrides)
+    result = finetune(cfg)
+    m = result["metrics"]
+    if m.get("resumed_from"):
+        print(f"resumed from the checkpoint at iteration {m['resumed_from']}")
+    print(f"checkpoint: {result['checkpoint']}")
+    if "val_iou" in m:
+        print(f"held-out IoU (foreground mean): {m['val_iou']:.4f} at iteration {m.get('iteration')}")
+    return result

@@ -1,0 +1,197 @@
+"""The fine-tuning step and the Ray Train worker loop around it.
+
+`SegmentationStep` is plain PyTorch (also used by the throughput benchmark's baseline loop);
+`train_loop_per_worker` is what each Ray Train worker runs: data, DDP model, poly LR, periodic validation on
+rank 0, checkpoints reported to Ray Train, resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vemscale.checkpoint import CheckpointMeta, load_train_state, save_checkpoint, WEIGHTS_FILE
+from vemscale.infer.tiling import Normalizer, TileGrid, numpy_reader, predict_block_xy
+from vemscale.train.augment import AugmentConfig, geometric, intensity
+from vemscale.train.data import CropSampler, LabelledStack, load_labelled, plane_axes
+from vemscale.train.losses import segmentation_loss
+
+log = logging.getLogger(__name__)
+
+
+def poly_lr(base_lr: float, it: int, total: int, power: float, warmup: int = 0) -> float:
+    """Poly decay (1 - it/total)^power after an optional linear warm-up."""
+    if warmup and it < warmup:
+        return base_lr * (it + 1) / warmup
+    return base_lr * (1 - min(it, total - 1) / total) ** power
+
+
+def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+class SegmentationStep:
+    """One optimisation step on a batch of raw crops: normalise, augment, forward, loss, backward, update."""
+
+    def __init__(self, model, optimizer, normalizer: Normalizer, augment: AugmentConfig, loss: str, device, seed: int):
+        self.model, self.optimizer, self.augment, self.loss, self.device = model, optimizer, augment, loss, device
+        c = len(normalizer.mean)
+        self.scale = float(normalizer.scale)
+        self.mean = torch.tensor(normalizer.mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
+        self.std = torch.tensor(normalizer.std, dtype=torch.float32, device=device).view(1, c, 1, 1)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, imgs: np.ndarray, labs: np.ndarray, lr: float) -> float:
+        x = torch.from_numpy(imgs).to(self.device, non_blocking=True).float()
+        x = (x / self.scale - self.mean) / self.std
+        y = torch.from_numpy(labs).to(self.device, non_blocking=True)
+        x, y = geometric(x, y, self.augment, self.gen)
+        x = intensity(x, self.augment, self.gen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss = segmentation_loss(self.model(x), y, self.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def confusion(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """K x K confusion matrix (rows truth, columns prediction)."""
+    return np.bincount(truth.ravel().astype(np.int64) * k + pred.ravel(), minlength=k * k).reshape(k, k)
+
+
+def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1) - tp
+    return np.where(denom > 0, tp / np.maximum(denom, 1), 1.0)
+
+
+def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Normalizer, k: int, device, batch: int) -> dict:
+    """IoU per class over whole held-out slices, predicted exactly as inference does (tiled, argmax)."""
+    net = model.module if hasattr(model, "module") else model
+    was_training = net.training
+    net.eval()
+    cm = np.zeros((k, k), np.int64)
+    for st in stacks:
+        shape = st.labels.shape
+        box = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        probs = predict_block_xy(net, numpy_reader(st.image), box, shape, grid, normalizer, batch_size=batch, device=device)
+        cm += confusion(probs.argmax(0).astype(np.uint8), st.labels, k)
+    net.train(was_training)
+    iou = iou_from_confusion(cm)
+    out = {f"val_iou_{i}": float(v) for i, v in enumerate(iou)}
+    out["val_iou"] = float(iou[1:].mean()) if k > 1 else float(iou[0])
+    return out
+
+
+def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> CheckpointMeta:
+    return CheckpointMeta(
+        kind="segmentation",
+        model=model_spec,
+        classes=cfg["data"]["classes"],
+        normalization=cfg["normalization"],
+        tile=cfg["tiles"]["tile"],
+        margin=cfg["tiles"]["margin"],
+        voxel_size_xyz=cfg.get("voxel_size_xyz"),
+        planes=cfg["data"]["planes"],
+        iteration=it,
+        metrics=metrics,
+        train_config=cfg["config"],
+    )
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train worker: fine-tune for cfg['train']['iterations'] steps, reporting metrics and checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from vemscale.models import create_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    k = len(dcfg["classes"])
+    device = ray.train.torch.get_device()
+
+    stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["train"]]
+    val_stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["val"]] if rank == 0 else []
+
+    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
+    model = create_model(cfg["model"]["name"], in_chans=stacks[0].image.shape[0], num_classes=k, **cfg["model"]["kwargs"])
+    spec = dict(model.spec)
+    if cfg.get("init"):
+        from vemscale.train.transfer import apply_init
+
+        apply_init(model, cfg["init"], cfg.get("transfer", "all"), cfg.get("freeze", "none"))
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, tcfg)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            net = model.module if hasattr(model, "module") else model
+            net.load_state_dict(torch.load(f"{d}/{WEIGHTS_FILE}", map_location=device, weights_only=True))
+            state = load_train_state(d)
+            if state:
+                optimizer.load_state_dict(state["optimizer"])
+                start = int(state["iteration"])
+
+    normalizer = Normalizer(**cfg["normalization"])
+    grid = TileGrid(cfg["tiles"]["tile"], cfg["tiles"]["margin"])
+    axes = plane_axes(dcfg["planes"], cfg.get("voxel_size_xyz"))
+    # seeds depend on (seed, rank, start) so a run, and a resumed run, are repeatable
+    run_seed = (tcfg["seed"] * 1_000_003 + rank * 10_007 + start) % 2**31
+    sampler = CropSampler(stacks, tcfg["crop"], axes, seed=run_seed)
+    step = SegmentationStep(model, optimizer, normalizer, AugmentConfig(**cfg["augment"]), tcfg["loss"], device, seed=run_seed + 1)
+    local_batch = tcfg["batch_size"] // world
+    total = tcfg["iterations"]
+    losses: list[float] = []
+    step_time, step_images = 0.0, 0
+    best = float("-inf")
+    loop_t0, loop_images = time.perf_counter(), 0
+    for it in range(start, total):
+        t0 = time.perf_counter()
+        imgs, labs = sampler.sample(local_batch)
+        lr = poly_lr(tcfg["lr"], it, total, tcfg["poly_power"], tcfg["warmup"])
+        losses.append(step(imgs, labs, lr))
+        step_time += time.perf_counter() - t0
+        step_images += local_batch * world
+        loop_images += local_batch * world
+        done = it + 1
+        due_val = done % tcfg["val_every"] == 0 or done == total
+        due_ckpt = done % tcfg["checkpoint_every"] == 0 or done == total
+        if not (done % tcfg["log_every"] == 0 or due_val or due_ckpt):
+            continue
+        metrics: dict[str, Any] = {
+            "iteration": done,
+            "resumed_from": start,
+            "loss": float(np.mean(losses)),
+            "lr": lr,
+            "images_per_s": step_images / step_time if step_time else 0.0,
+            # wall-clock throughput since this (possibly resumed) run started, reports and validation included
+            "loop_images_per_s": loop_images / (time.perf_counter() - loop_t0),
+        }
+        losses, step_time, step_images = [], 0.0, 0
+        if rank == 0 and due_val and val_stacks:
+            metrics.update(validate(model, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
+            best = max(best, metrics["val_iou"])
+            metrics["best_val_iou"] = best
+        if rank == 0 and due_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                state = {"optimizer": optimizer.state_dict(), "iteration": done}
+                save_checkpoint(f"{tmp}/ckpt", model, build_meta(cfg, spec, done, metrics), state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(f"{tmp}/ckpt"))
+        else:
+            ray.train.report(metrics)
