@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vemscale.checkpoint import CheckpointMeta, load_train_state, save_checkpoint, WEIGHTS_FILE
+from vemscale.eval.metrics import class_scores, confusion_matrix, counts_from_confusion
 from vemscale.infer.tiling import Normalizer, TileGrid, numpy_reader, predict_block_xy
 from vemscale.train.augment import AugmentConfig, geometric, intensity
 from vemscale.train.data import CropSampler, LabelledStack, load_labelled, plane_axes
@@ -64,17 +65,6 @@ class SegmentationStep:
         return float(loss.detach())
 
 
-def confusion(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
-    """K x K confusion matrix (rows truth, columns prediction)."""
-    return np.bincount(truth.ravel().astype(np.int64) * k + pred.ravel(), minlength=k * k).reshape(k, k)
-
-
-def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1) - tp
-    return np.where(denom > 0, tp / np.maximum(denom, 1), 1.0)
-
-
 def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Normalizer, k: int, device, batch: int) -> dict:
     """IoU per class over whole held-out slices, predicted exactly as inference does (tiled, argmax)."""
     net = model.module if hasattr(model, "module") else model
@@ -85,9 +75,10 @@ def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Nor
         shape = st.labels.shape
         box = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
         probs = predict_block_xy(net, numpy_reader(st.image), box, shape, grid, normalizer, batch_size=batch, device=device)
-        cm += confusion(probs.argmax(0).astype(np.uint8), st.labels, k)
+        cm += confusion_matrix(probs.argmax(0).astype(np.uint8), st.labels, k)
     net.train(was_training)
-    iou = iou_from_confusion(cm)
+    c = counts_from_confusion(cm)
+    iou = np.array([class_scores(c["tp"][i], c["fp"][i], c["fn"][i])["iou"] for i in range(k)])
     out = {f"val_iou_{i}": float(v) for i, v in enumerate(iou)}
     out["val_iou"] = float(iou[1:].mean()) if k > 1 else float(iou[0])
     return out
