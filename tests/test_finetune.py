@@ -124,3 +124,43 @@ def test_kill_and_resume(tmp_path):
     assert meta["iteration"] == 40
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert rows == sorted(set(rows)) and rows[-1] == 40  # one row per logged iteration, none repeated
+
+
+# --- real data, short runs: the model must learn (floors measured, see BENCHMARKS.md for full length) ---------
+
+SHORT = ["train.iterations=150", "train.batch_size=4", "train.val_every=150", "train.checkpoint_every=150",
+         "train.log_every=25"]
+
+
+@pytest.mark.parametrize("config, floor", [
+    ("configs/finetune_vnc_mito.yaml", 0.45),
+    ("configs/finetune_isbi_membranes.yaml", 0.55),
+])
+def test_short_finetune_on_real_data(tmp_path, config, floor):
+    r = _run(["finetune", config, *SHORT, f"run_dir={tmp_path / 'run'}", "--json"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    iou = result["metrics"]["val_iou"]
+    print(f"{config}: held-out IoU after 150 iterations = {iou:.4f}")
+    assert iou >= floor
+    ckpt = Path(result["checkpoint"])
+    meta = json.loads((ckpt / "vemscale.json").read_text())
+    assert meta["iteration"] == 150 and meta["model"]["name"] == "transunet_tiny" and len(meta["classes"]) == 2
+    assert meta["normalization"]["scale"] == 255.0 and meta["voxel_size_xyz"] is not None
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"iteration", "loss", "lr", "val_iou"} <= set(header)
+
+
+def test_multiclass_finetune_runs(tmp_path):
+    cfg = _write_config(
+        tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),
+        data={"train": [_vnc("0:2", "labels.tif")], "val": [_vnc("16:17", "labels.tif")],
+              "classes": ["intracellular", "membrane", "glia", "mitochondria", "synapse"]},
+        train={"iterations": 10, "batch_size": 2, "crop": 128, "log_every": 5, "val_every": 10, "checkpoint_every": 10},
+    )
+    r = _run(["finetune", str(cfg), "--json"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])["metrics"]
+    assert all(f"val_iou_{i}" in m for i in range(5))
+    assert 0.0 <= m["val_iou"] <= 1.0

@@ -19,12 +19,14 @@ uncapped, exact distances; then the whole region is evaluated as a single block 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -380,6 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'none' = exact, whole region as one block")
     parser.add_argument("--mfd-per-slice", action="store_true", help="surface distances within each z-slice (2-D); suits strongly anisotropic data")
     parser.add_argument("--no-mfd", action="store_true", help="skip the mean false distance")
+    parser.add_argument("overrides", nargs="*", metavar="run_dir=DIR", help="also write evaluation.json into DIR")
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,4 +398,14 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                       block_shape=parse_ints(args.block_shape, 3, "block shape"), mfd=not args.no_mfd,
                       mfd_halo_nm=halo, mfd_per_slice=args.mfd_per_slice, threshold=args.threshold)
     print(format_table(result))
+    from vemscale.config import parse_overrides
+
+    extra = parse_overrides(args.overrides)
+    if set(extra) - {"run_dir"}:
+        raise UserError(f"unknown argument(s) {sorted(set(extra) - {'run_dir'})}; evaluate takes run_dir=DIR")
+    if "run_dir" in extra:
+        out = Path(str(extra["run_dir"]))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
+        result = {**result, "report": str(out / "evaluation.json")}
     return result
