@@ -1,0 +1,11 @@
+"""`ray job submit --working-dir . -- python jobs/export.py [configs/export.yaml] SRC DST [key=value ...] [--flags]`.
+
+The same function as `vemscale export`; the exit code is non-zero when any task failed (2 for bad input).
+"""
+
+import sys
+
+from vemscale.export.run import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,128 @@
+"""Legacy Neuroglancer meshes for a precomputed segmentation layer, meshed blockwise as Ray tasks.
+
+Layout (what Neuroglancer and cloud-volume read)::
+
+    <layer>/info                 + "mesh": "mesh"
+    <layer>/mesh/info            {"@type": "neuroglancer_legacy_mesh"}
+    <layer>/mesh/<id>:0          manifest {"fragments": ["<id>:0:<x0>-<x1>_<y0>-<y1>_<z0>-<z1>", ...]}
+    <layer>/mesh/<id>:0:<box>    one fragment per block the label occurs in (vertices in nm)
+
+Each task meshes one box of a scale (a whole number of its write chunks) plus one voxel on the high
+sides, writes its fragments and returns their names per label; the driver writes the manifests. One mesh
+per label value: per class for class labels, per object for instance labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import ray
+import tensorstore as ts
+
+from vemscale.errors import UserError
+from vemscale.export.grid import BoxGrid, box_to_list, list_to_box
+from vemscale.export.precomputed import layer_kvstore, open_scale, read_info, update_info, view_spec, \
+    read_chunk_shape
+from vemscale.export.tasks import open_spec, run_tasks
+
+__all__ = ["MESH_DIR", "write_meshes", "auto_mesh_scale", "mesh_ids", "fragment_name"]
+
+log = logging.getLogger(__name__)
+
+MESH_DIR = "mesh"
+
+
+def fragment_name(label: int, box_zyx: list[list[int]]) -> str:
+    (z0, z1), (y0, y1), (x0, x1) = box_zyx
+    return f"{label}:0:{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+
+
+@ray.remote(num_cpus=1)
+def _mesh_task(seg_spec: dict[str, Any], mesh_kv: str, box: list[list[int]], voxel_size_xyz: list[float],
+               reduction_factor: int, max_error_nm: float | None) -> dict[int, str]:
+    """Mesh one box (+1 voxel on high sides) and write its fragments; returns {label: fragment name}."""
+    from vemscale.post.mesh import mesh_block
+
+    seg = open_spec(seg_spec)
+    core = list_to_box(box)
+    shape = seg.shape
+    read = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(core, shape))
+    labels_zyx = seg[read].read().result()
+    meshes = mesh_block(labels_zyx.T, voxel_size_xyz, [s.start for s in read][::-1],
+                        pad_low=[s.start == 0 for s in read][::-1], pad_high=[s.stop == n for s, n in zip(read, shape)][::-1],
+                        reduction_factor=reduction_factor, max_error_nm=max_error_nm)
+    kv = ts.KvStore.open(mesh_kv).result()
+    names = {label: fragment_name(label, box) for label in meshes}
+    futures = [kv.write(names[label], data) for label, data in meshes.items()]
+    for f in futures:
+        f.result()
+    return names
+
+
+def auto_mesh_scale(info: dict[str, Any]) -> int:
+    """Scale 1 when it is downsampled in xy only and still no coarser than z (anisotropic EM: same z detail,
+    ~4x fewer voxels and ~20x less simplification work than scale 0), else scale 0."""
+    scales = info["scales"]
+    if len(scales) < 2:
+        return 0
+    r0, r1 = scales[0]["resolution"], scales[1]["resolution"]
+    return 1 if r1[2] == r0[2] and max(r1[:2]) <= r1[2] else 0
+
+
+def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: int = 10, max_error_nm: float | None = None,
+                 target_voxels: int = 2**22, max_in_flight: int | None = None) -> dict[str, Any]:
+    """Mesh every label of the segmentation layer at `url` (from scale `scale_index`, "auto": see
+    `auto_mesh_scale`) into `<url>/mesh`.
+
+    `max_error_nm` bounds simplification (default: the scale's xy voxel size). Returns labels, fragments, time.
+    """
+    from vemscale.raycluster import ensure_ray
+
+    info = read_info(url)
+    if info is None or info.get("type") != "segmentation":
+        raise UserError(f"{url!r} is not a precomputed segmentation layer; meshes need one")
+    scale_index = auto_mesh_scale(info) if scale_index == "auto" else int(scale_index)
+    if not 0 <= scale_index < len(info["scales"]):
+        raise UserError(f"{url!r} has no scale {scale_index} (it has {len(info['scales'])})")
+    voxel = [float(r) for r in info["scales"][scale_index]["resolution"]]
+    if max_error_nm is None:
+        max_error_nm = min(voxel[:2])
+    seg = open_scale(url, scale_index)
+    grid = BoxGrid.aligned(seg.shape, read_chunk_shape(seg), target_voxels)  # read-only: any chunk multiple
+    mesh_kv = layer_kvstore(url) + MESH_DIR + "/"
+    kv = ts.KvStore.open(mesh_kv).result()
+    kv.delete_range(ts.KvStore.KeyRange()).result()  # a rerun must not keep fragments of labels now gone
+    ensure_ray()
+    t0 = time.perf_counter()
+    fragments: dict[int, list[str]] = {}
+
+    def fold(names: dict[int, str]) -> None:
+        for label, name in names.items():
+            fragments.setdefault(int(label), []).append(name)
+
+    spec = view_spec(seg)
+    n = run_tasks(lambda i: _mesh_task.remote(spec, mesh_kv, box_to_list(grid.box(i)), voxel, reduction_factor,
+                                              max_error_nm),
+                  range(grid.num_boxes), fold, max_in_flight=max_in_flight, desc="meshes")
+    futures = [kv.write(f"{label}:0", json.dumps({"fragments": sorted(names)}).encode())
+               for label, names in fragments.items()]
+    futures.append(kv.write("info", json.dumps({"@type": "neuroglancer_legacy_mesh"}).encode()))
+    for f in futures:
+        f.result()
+    update_info(url, mesh=MESH_DIR)
+    seconds = time.perf_counter() - t0
+    log.info("meshes: %d labels, %d fragments from %d tasks in %.1f s", len(fragments),
+             sum(map(len, fragments.values())), n, seconds)
+    return {"labels": len(fragments), "fragments": int(sum(map(len, fragments.values()))), "tasks": n,
+            "scale": scale_index, "seconds": round(seconds, 3)}
+
+
+def mesh_ids(url: str) -> list[int]:
+    """Labels that have a mesh manifest in `<url>/mesh` (for the viewer's default visible segments)."""
+    kv = ts.KvStore.open(layer_kvstore(url) + MESH_DIR + "/").result()
+    keys = [bytes(k).decode() for k in kv.list().result()]
+    return sorted(int(k[:-2]) for k in keys if k.endswith(":0") and k[:-2].isdigit())
+

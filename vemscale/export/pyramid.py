@@ -1,0 +1,104 @@
+"""Multiscale pyramids for precomputed layers, computed blockwise as Ray tasks.
+
+Scale s+1 is made from scale s only: each task reads the source box of one target box (a whole number of
+the target's write chunks), downsamples it with `ts.downsample` (mean for images, mode for labels: the
+most frequent value, the smallest on ties) and writes it. Memory per task is O(box); scales run in order.
+Factors are [2,2,1] (x,y,z) while the data are anisotropic and [2,2,2] once near-isotropic (z voxel size
+below sqrt(2) times the xy one), the choice that keeps each scale closest to isotropic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+import tensorstore as ts
+
+from vemscale.errors import UserError
+from vemscale.export.grid import BoxGrid, box_to_list, list_to_box
+from vemscale.export.precomputed import DEFAULT_SHARD_VOXELS, add_scale, open_scale, read_info, view_spec, \
+    write_chunk_aligned_block, write_chunk_shape
+from vemscale.export.tasks import open_spec, run_tasks
+
+__all__ = ["plan_factors", "downsample_method", "build_pyramid"]
+
+log = logging.getLogger(__name__)
+
+
+def plan_factors(voxel_size_xyz: Sequence[float], shape_zyx: Sequence[int], chunk_zyx: Sequence[int],
+                 max_scales: int | None = None) -> list[tuple[int, int, int]]:
+    """Downsampling factors (z,y,x) of scales 1, 2, ... until the xy extent fits one chunk or `max_scales` total."""
+    res = [float(v) for v in voxel_size_xyz][::-1]  # z,y,x
+    shape = [int(s) for s in shape_zyx]
+    out: list[tuple[int, int, int]] = []
+    while max_scales is None or len(out) + 1 < max_scales:
+        if shape[1] <= chunk_zyx[1] and shape[2] <= chunk_zyx[2]:
+            break
+        r_xy = min(res[1], res[2])
+        fz = 2 if shape[0] > 1 and res[0] < math.sqrt(2) * r_xy else 1
+        f = (fz, 2 if shape[1] > 1 else 1, 2 if shape[2] > 1 else 1)
+        out.append(f)
+        shape = [-(-s // k) for s, k in zip(shape, f)]
+        res = [r * k for r, k in zip(res, f)]
+    return out
+
+
+def downsample_method(layer_type: str) -> str:
+    return "mode" if layer_type == "segmentation" else "mean"
+
+
+@ray.remote(num_cpus=1)
+def _downsample_task(src_spec: dict[str, Any], dst_spec: dict[str, Any], factors_zyx: Sequence[int],
+                     box: list[list[int]], method: str) -> int:
+    """Read the source of one target box of scale s+1, downsample it, write it; returns voxels written."""
+    src, dst = open_spec(src_spec), open_spec(dst_spec, write=True)
+    lead = (1,) * (src.rank - 3)
+    full = (slice(None),) * (dst.rank - 3) + list_to_box(box)
+    data = ts.downsample(src, [*lead, *factors_zyx], method=method)[full].read().result()
+    write_chunk_aligned_block(dst, full, data)
+    return int(np.prod(data.shape[-3:]))
+
+
+def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 2**24, sharded: bool | None = None,
+                  shard_voxels: int = DEFAULT_SHARD_VOXELS, max_in_flight: int | None = None) -> list[dict[str, Any]]:
+    """Add scales 1.. to the precomputed layer at `url` from its scale 0; returns per-scale size, resolution, time.
+
+    `sharded=None` shards a new scale when scale 0 is sharded. Existing scales with the planned resolution
+    are reused (and rewritten), so a rerun repairs an interrupted pyramid.
+    """
+    from vemscale.raycluster import ensure_ray
+
+    info = read_info(url)
+    if info is None:
+        raise UserError(f"{url!r} is not a precomputed layer (no info)")
+    s0 = info["scales"][0]
+    method = downsample_method(info.get("type", "image"))
+    chunk_zyx = [int(c) for c in s0["chunk_sizes"][0][::-1]]
+    shard = ("sharding" in s0) if sharded is None else sharded
+    shape, res = [int(s) for s in s0["size"][::-1]], [float(r) for r in s0["resolution"]]
+    plans = []
+    for f in plan_factors(res, shape, chunk_zyx, max_scales):
+        shape = [-(-s // k) for s, k in zip(shape, f)]
+        res = [r * k for r, k in zip(res, f[::-1])]
+        index, view = add_scale(url, shape, res, chunk_zyx, sharded=shard, shard_voxels=shard_voxels)
+        plans.append((index, view, f))
+    ensure_ray()
+    src = open_scale(url, 0)
+    out: list[dict[str, Any]] = []
+    for index, dst, f in plans:
+        t0 = time.perf_counter()
+        grid = BoxGrid.aligned(dst.shape[-3:], write_chunk_shape(dst)[-3:], max(1, target_voxels // math.prod(f)))
+        src_spec, dst_spec = view_spec(src), view_spec(dst)
+        n = run_tasks(lambda i: _downsample_task.remote(src_spec, dst_spec, f, box_to_list(grid.box(i)), method),
+                      range(grid.num_boxes), max_in_flight=max_in_flight, desc=f"pyramid scale {index}")
+        seconds = time.perf_counter() - t0
+        out.append({"scale": index, "factors_zyx": list(f), "shape_zyx": list(dst.shape[-3:]),
+                    "resolution_xyz": read_info(url)["scales"][index]["resolution"], "tasks": n,
+                    "seconds": round(seconds, 3)})
+        log.info("pyramid scale %d %s: %d tasks, %.1f s", index, tuple(dst.shape[-3:]), n, seconds)
+        src = dst
+    return out
