@@ -19,9 +19,12 @@ from vemscale.errors import UserError
 # stage name -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("vemscale.io.ingest", "convert a TIFF/HDF5/MRC/slice folder into an OME-Zarr image"),
+    "pretrain": ("vemscale.train.pretrain", "self-supervised pre-training on unlabeled EM (RETINA or MoCoV2, Ray Train)"),
     "finetune": ("vemscale.train.finetune", "fine-tune a segmentation model on labelled volumes (Ray Train)"),
     "evaluate": ("vemscale.eval.evaluate", "score a prediction against ground truth (IoU, F1, precision, recall, MFD)"),
     "infer": ("vemscale.infer.run", "predict a whole volume blockwise on a Ray Data actor pool"),
+    "export": ("vemscale.export.run", "write any volume as a Neuroglancer precomputed layer (+ pyramid, meshes)"),
+    "view": ("vemscale.export.view", "serve layers to a Neuroglancer viewer and print its URL (or take a screenshot)"),
     "demo": ("vemscale.demo", "generate an EM-like volume, fine-tune briefly, infer and score it"),
 }
 

@@ -195,10 +195,10 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     dtypes = {st.image.dtype for st in stacks}
     if len(dtypes) != 1:
         raise UserError(f"training images mix dtypes {sorted(map(str, dtypes))}; convert them to one")
-    if cfg.init:
-        from vemscale.checkpoint import read_meta
+    if cfg.init:  # the checkpoint must fit the model (name, sizes, the transferred keys) before workers start
+        from vemscale.train.transfer import check_init
 
-        read_meta(cfg.init)
+        check_init(cfg.init, cfg.model.name, next(iter(chans)), k, cfg.model.kwargs, cfg.transfer, cfg.freeze)
     scale = dtype_scale(stacks[0].image.dtype)
     mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else channel_stats(stacks, scale)
     voxel = cfg.data.voxel_size_xyz or stacks[0].voxel_size_xyz

@@ -1,0 +1,11 @@
+"""`ray job submit --working-dir . -- python jobs/pretrain.py [configs/pretrain_retina.yaml] key=value ...`.
+
+The same function as `vemscale pretrain`; exit 0 on success, 2 on bad input, 1 when training failed.
+"""
+
+import sys
+
+from vemscale.train.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,197 @@
+"""RETINA / MoCo augmentations in torch on batched tensors, so they run on the worker's device.
+
+Two sets, as in RETINA's reconstruction objective:
+- geometric (`geometric`): flips, rotations, random resized crop; applied to input *and* target. All three
+  are one affine map per sample, resampled in a single `grid_sample` call.
+- degradations (`degrade`): brightness/contrast, Gaussian blur, Gaussian noise, coarse dropout; applied to
+  the network's input only, so the network learns to undo them.
+Images enter as floats in [0, 1] (B, C, H, W); `normalize` maps them to the network's input scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from vemscale.config import Strict
+
+Range = tuple[float, float]
+
+
+class RetinaAugmentConfig(Strict):
+    """Every augmentation parameter; probabilities are per sample."""
+
+    # geometric: input and target alike
+    flips: bool = True  # random horizontal and vertical flips
+    rot90: bool = True  # random multiples of 90 degrees
+    rotate_degrees: float = Field(0.0, ge=0, le=180)  # plus a uniform angle in +-value (reflection at borders)
+    p_resized_crop: float = Field(1.0, ge=0, le=1)
+    crop_scale: Range = (0.08, 1.0)  # area fraction of the patch
+    crop_ratio: Range = (0.5, 1.5)  # aspect ratio w/h (log-uniform)
+    # degradations: input only (values on the [0, 1] intensity scale)
+    p_brightness_contrast: float = Field(0.5, ge=0, le=1)
+    brightness: float = Field(0.3, ge=0)  # additive shift uniform in +-value
+    contrast: float = Field(0.3, ge=0, lt=1)  # factor uniform in 1 +- value, around the image mean
+    p_noise: float = Field(0.5, ge=0, le=1)
+    noise_std: Range = (0.01, 0.05)
+    p_blur: float = Field(0.5, ge=0, le=1)
+    blur_sigma: Range = (0.1, 2.0)  # pixels
+    p_dropout: float = Field(0.5, ge=0, le=1)
+    dropout_holes: tuple[int, int] = (1, 32)  # number of holes, uniform in [lo, hi]
+    dropout_size: int = Field(16, gt=0)  # square holes of this side
+    dropout_fill: float = 0.0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RetinaAugmentConfig":
+        for name in ("crop_scale", "crop_ratio", "noise_std", "blur_sigma", "dropout_holes"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be [lo, hi] with 0 <= lo <= hi, got {[lo, hi]}")
+        if not (0 < self.crop_scale[0] and self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must lie in (0, 1], got {list(self.crop_scale)}")
+        if self.crop_ratio[0] <= 0:
+            raise ValueError("crop_ratio must be positive")
+        if self.blur_sigma[1] > 10:
+            raise ValueError("blur_sigma above 10 pixels is not supported")
+        return self
+
+
+def _uniform(b: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(b, generator=gen, device=device)
+
+
+def _coin(b: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(b, generator=gen, device=device) < p
+
+
+def affine_params(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample (B, 2, 3) maps from output to input coordinates in [-1, 1]: crop, rotation, flips."""
+    one = torch.ones(b, device=device)
+    sx, sy, cx, cy = one.clone(), one.clone(), 0 * one, 0 * one
+    if cfg.p_resized_crop > 0:
+        area = _uniform(b, *cfg.crop_scale, gen, device)
+        logr = _uniform(b, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), gen, device)
+        w = torch.sqrt(area * logr.exp()).clamp(max=1.0)
+        h = torch.sqrt(area / logr.exp()).clamp(max=1.0)
+        use = _coin(b, cfg.p_resized_crop, gen, device)
+        sx, sy = torch.where(use, w, one), torch.where(use, h, one)
+        cx = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - sx)
+        cy = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - sy)
+    angle = torch.zeros(b, device=device)
+    if cfg.rot90:
+        angle = torch.randint(0, 4, (b,), generator=gen, device=device).float() * (math.pi / 2)
+    if cfg.rotate_degrees > 0:
+        angle = angle + _uniform(b, -cfg.rotate_degrees, cfg.rotate_degrees, gen, device) * (math.pi / 180)
+    if cfg.flips:
+        sx = sx * torch.where(_coin(b, 0.5, gen, device), -1.0, 1.0)
+        sy = sy * torch.where(_coin(b, 0.5, gen, device), -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # round so that right angles give exact 0/1 entries (exact pixel permutations when there is no crop)
+    cos, sin = torch.where(cos.abs() < 1e-6, 0.0, cos), torch.where(sin.abs() < 1e-6, 0.0, sin)
+    row0 = torch.stack([cos * sx, -sin * sy, cx], dim=1)
+    row1 = torch.stack([sin * sx, cos * sy, cy], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def geometric(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator, out_size: int | None = None) -> torch.Tensor:
+    """Random resized crop + rotation + flips of x (B, C, H, W), resampled to out_size (default H)."""
+    b, c, h, w = x.shape
+    size = out_size or h
+    theta = affine_params(b, cfg, gen, x.device)
+    grid = F.affine_grid(theta.to(x.dtype), [b, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (sigma <= 0: unchanged)."""
+    b, c, h, w = x.shape
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.clamp(min=1e-3).to(x.dtype).view(-1, 1)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    delta = (t == 0).to(x.dtype).expand_as(k)
+    k = torch.where((sigma > 0).view(-1, 1), k, delta)
+    k = k.repeat_interleave(c, dim=0)  # (B*C, K)
+    y = x.reshape(1, b * c, h, w)
+    pad = min(radius, h - 1, w - 1)
+    if pad < radius:  # tiny images: pad what reflection allows, then replicate
+        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
+        y = F.pad(y, (radius - pad,) * 4, mode="replicate")
+    else:
+        y = F.pad(y, (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def coarse_dropout(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill 1..32 (cfg) square holes per selected sample with cfg.dropout_fill; returns (x, holes per sample)."""
+    b, c, h, w = x.shape
+    lo, hi = cfg.dropout_holes
+    n = torch.randint(lo, hi + 1, (b,), generator=gen, device=x.device)
+    n = torch.where(_coin(b, cfg.p_dropout, gen, x.device), n, torch.zeros_like(n))
+    if hi == 0 or not bool((n > 0).any()):
+        return x, n
+    s = min(cfg.dropout_size, h, w)
+    y0 = torch.randint(0, h - s + 1, (b, hi), generator=gen, device=x.device)
+    x0 = torch.randint(0, w - s + 1, (b, hi), generator=gen, device=x.device)
+    active = torch.arange(hi, device=x.device).view(1, -1) < n.view(-1, 1)  # (B, K)
+    ys = torch.arange(h, device=x.device).view(1, 1, -1)
+    xs = torch.arange(w, device=x.device).view(1, 1, -1)
+    rows = ((ys >= y0.unsqueeze(-1)) & (ys < (y0 + s).unsqueeze(-1)) & active.unsqueeze(-1)).to(x.dtype)
+    cols = ((xs >= x0.unsqueeze(-1)) & (xs < (x0 + s).unsqueeze(-1))).to(x.dtype)
+    mask = torch.einsum("bkh,bkw->bhw", rows, cols) > 0
+    return torch.where(mask.unsqueeze(1), torch.full_like(x, cfg.dropout_fill), x), n
+
+
+def degrade(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Brightness/contrast, blur, noise (clipped to [0, 1]) and coarse dropout of x (B, C, H, W) in [0, 1]."""
+    b, dev = x.shape[0], x.device
+    if cfg.p_brightness_contrast > 0:
+        use = _coin(b, cfg.p_brightness_contrast, gen, dev).view(-1, 1, 1, 1)
+        alpha = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev).view(-1, 1, 1, 1)
+        beta = _uniform(b, -cfg.brightness, cfg.brightness, gen, dev).view(-1, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.where(use, (x - mean) * alpha + mean + beta, x)
+    if cfg.p_blur > 0:
+        sigma = _uniform(b, *cfg.blur_sigma, gen, dev)
+        sigma = torch.where(_coin(b, cfg.p_blur, gen, dev), sigma, torch.zeros_like(sigma))
+        if bool((sigma > 0).any()):
+            x = _gaussian_blur(x, sigma)
+    if cfg.p_noise > 0:
+        std = _uniform(b, *cfg.noise_std, gen, dev)
+        std = torch.where(_coin(b, cfg.p_noise, gen, dev), std, torch.zeros_like(std))
+        x = x + torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) * std.view(-1, 1, 1, 1)
+    x = x.clamp(0, 1)
+    if cfg.p_dropout > 0:
+        x, _ = coarse_dropout(x, cfg, gen)
+    return x
+
+
+class Normalize:
+    """(x - mean) / std per channel for images in [0, 1], and its inverse (for previews)."""
+
+    def __init__(self, mean: list[float], std: list[float], device) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+def retina_pair(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator, norm: Normalize) -> tuple[torch.Tensor, torch.Tensor]:
+    """RETINA's (input, target): target = normalize(geometric(x)); input = normalize(degrade(that image))."""
+    clean = geometric(x, cfg, gen)
+    return norm(degrade(clean, cfg, gen)), norm(clean)
+
+
+def two_views(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator, norm: Normalize) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's two independently augmented views of each image (geometric then degradations)."""
+    return tuple(norm(degrade(geometric(x, cfg, gen), cfg, gen)) for _ in range(2))  # type: ignore[return-value]
