@@ -1,0 +1,336 @@
+"""Blockwise inference end to end on a real ssTEM crop: decomposition independence, resume after kills, scale,
+and every bad input failing before any block runs. Real Ray, real tensorstore, a real (tiny) model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tensorstore as ts
+import tifffile
+import torch
+
+from conftest import ROOT, data_path
+from vemscale.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from vemscale.errors import UserError
+from vemscale.infer.ledger import Ledger, ledger_url
+from vemscale.infer.outputs import argmax_labels, quantize_probabilities
+from vemscale.infer.pipeline import InferConfig, run_infer
+from vemscale.infer.plan import BlockPlan
+from vemscale.infer.predictor import grid_and_normalizer
+from vemscale.infer.run import load_infer_config
+from vemscale.infer.tiling import numpy_reader, predict_block_orthoplane, predict_block_xy, predict_volume_xy
+from vemscale.io.volume import create_ome_zarr, open_volume
+from vemscale.models import create_model
+
+SHAPE = (6, 200, 232)
+VOXEL = (4.6, 4.6, 45.0)
+BATCH = 4
+
+
+def make_checkpoint(path: Path, sample: np.ndarray, in_chans: int = 1) -> Path:
+    """Tiny TransUNet, seed 0, head rescaled so both classes occur (a random head predicts ~0.5 everywhere)."""
+    torch.manual_seed(0)
+    model = create_model("tiny", in_chans=in_chans, num_classes=2).eval()
+    meta = CheckpointMeta(model=model.spec, tile=64, margin=8, voxel_size_xyz=list(VOXEL))
+    with torch.no_grad():
+        model.head.weight.mul_(300.0)
+        model.head.bias.zero_()
+        _, norm = grid_and_normalizer(meta)
+        x = torch.from_numpy(norm(sample[None, :1, :64, :64]))[0][:, None].repeat(1, in_chans, 1, 1)
+        logits = model(x)
+        model.head.bias[1] -= float((logits[:, 1] - logits[:, 0]).median())
+    return save_checkpoint(path, model, meta)
+
+
+def reference(ckpt: Path, vol: np.ndarray, fn=None, box=None) -> tuple[np.ndarray, np.ndarray]:
+    """Quantised probabilities and labels of the whole-volume sliding window (1 thread, as the workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, meta = load_checkpoint(ckpt)
+        grid, norm = grid_and_normalizer(meta)
+        if box is None:
+            probs = predict_volume_xy(model, vol, grid, norm, batch_size=BATCH)
+        else:
+            probs = fn(model, numpy_reader(vol), box, vol.shape, grid, norm, batch_size=BATCH)
+    finally:
+        torch.set_num_threads(threads)
+    return quantize_probabilities(probs), argmax_labels(probs)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    vol = tifffile.imread(data_path("vnc_drosophila_sstem", "test_unlabeled", "image.tif"), key=range(SHAPE[0]))
+    vol = np.ascontiguousarray(vol[:, : SHAPE[1], : SHAPE[2]])
+    store = create_ome_zarr(root / "vol.ome.zarr", SHAPE, np.uint8, (1, 64, 64), VOXEL)
+    store.write(vol).result()
+    ckpt = make_checkpoint(root / "ckpt", vol)
+    probs, labels = reference(ckpt, vol)
+    assert 0.05 < labels.mean() < 0.95, "the test model should predict both classes"
+    return SimpleNamespace(root=root, vol=vol, input=str(root / "vol.ome.zarr"), ckpt=str(ckpt), probs=probs, labels=labels)
+
+
+def config(data, name: str, **kw) -> InferConfig:
+    base = dict(input=data.input, output=str(data.root / name), checkpoint=data.ckpt, block_shape=(2, 48, 48),
+                output_chunks=(2, 48, 48), workers=1, threads_per_worker=1, batch_size=BATCH, progress=False,
+                run_dir=str(data.root / f"run-{name}"))
+    return InferConfig(**{**base, **kw})
+
+
+def outputs(out: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    return open_volume(f"{out}/probabilities").read(), open_volume(f"{out}/labels").read()
+
+
+def assert_equals_reference(data, out) -> None:
+    probs, labels = outputs(out)
+    assert probs.shape == (2, *SHAPE) and probs.dtype == np.uint8 and labels.dtype == np.uint8
+    assert np.array_equal(probs, data.probs)
+    assert np.array_equal(labels, data.labels)
+
+
+# --- decomposition independence ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [(2, 48, 48), (4, 96, 144), (6, 200, 232)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_outputs_do_not_depend_on_blocks_or_workers(data, ray_local, block, workers):
+    cfg = config(data, f"decomp-{'x'.join(map(str, block))}-{workers}", block_shape=block, workers=workers)
+    result = run_infer(cfg)
+    s = result["summary"]
+    assert s["computed"] == s["blocks"] == BlockPlan.create(SHAPE, (2, 48, 48), block).num_blocks
+    assert s["voxels"] == np.prod(SHAPE) and s["halo_misses"] == 0 and s["actors"] == min(workers, s["blocks"])
+    assert_equals_reference(data, cfg.output)
+    assert open_volume(result["outputs"]["labels"]).voxel_size_xyz == VOXEL
+
+
+def test_orthoplane_with_a_short_halo_equals_one_block(data, ray_local):
+    """Orthoplane over an ROI; the halo is deliberately too small (extra reads), which must not change bytes."""
+    cfg = config(data, "ortho", mode="orthoplane", roi="0:6,48:144,48:144", halo=(1, 8, 8), write="probabilities")
+    s = run_infer(cfg)["summary"]
+    assert s["computed"] == 3 * 2 * 2 and s["halo_misses"] > 0
+    box = (slice(0, 6), slice(48, 144), slice(48, 144))
+    probs, _ = reference(data.ckpt, data.vol, predict_block_orthoplane, box)
+    out = open_volume(f"{cfg.output}/probabilities").read()
+    assert np.array_equal(out[(slice(None), *box)], probs)
+    assert not out[:, :, :48].any() and not (Path(cfg.output) / "labels").exists()
+
+
+def test_precomputed_output(data, ray_local):
+    cfg = config(data, "pc", block_shape=(6, 96, 96))
+    cfg.output = "precomputed://" + str(data.root / "pc")
+    result = run_infer(cfg)
+    assert result["outputs"]["labels"].startswith("precomputed://")
+    probs = open_volume(result["outputs"]["probabilities"]).read()
+    labels = open_volume(result["outputs"]["labels"]).read()
+    assert np.array_equal(probs, data.probs) and np.array_equal(labels, data.labels)
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+
+def test_rerun_skips_done_blocks_and_new_geometry_starts_over(data, ray_local, caplog):
+    cfg = config(data, "rerun", block_shape=(6, 96, 96))
+    first = run_infer(cfg)["summary"]
+    again = run_infer(cfg)["summary"]
+    assert (again["computed"], again["skipped"]) == (0, first["blocks"])
+    cfg.block_shape = (6, 48, 96)
+    with caplog.at_level("INFO", logger="vemscale.infer.ledger"):
+        moved = run_infer(cfg)["summary"]
+    assert (moved["computed"], moved["skipped"]) == (moved["blocks"], 0)
+    assert "starting over" in caplog.text and "plan" in caplog.text
+    assert_equals_reference(data, cfg.output)
+
+
+def _ledger_count(out: str, blocks: int) -> int:
+    meta = Path(out) / ".vemscale-ledger" / "ledger.json"
+    if not meta.exists():
+        return 0
+    import json
+
+    fp = json.loads(meta.read_text())["fingerprint"]
+    return Ledger(ledger_url(out), fp).count_done(blocks)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (the run we started: driver, its local Ray, its actors).
+
+    Ray puts each worker in a process group of its own, so killing the driver's group would leave the actors
+    running for a while; they all stay in the session the test created."""
+    for _ in range(5):
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == sid:
+                        pids.append(int(entry))
+                except OSError:
+                    pass
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local):
+    cfg = config(data, "killed")
+    blocks = BlockPlan.create(SHAPE, cfg.output_chunks, cfg.block_shape).num_blocks
+    args = [f"input={cfg.input}", f"output={cfg.output}", f"checkpoint={cfg.checkpoint}", "block_shape=2,48,48",
+            "output_chunks=2,48,48", "workers=1", "threads_per_worker=1", f"batch_size={BATCH}", "progress=false",
+            f"run_dir={cfg.run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "vemscale.cli", "infer", *args], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 150
+    try:
+        while _ledger_count(cfg.output, blocks) < 5:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no block finished in time"
+            time.sleep(0.05)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    done = _ledger_count(cfg.output, blocks)
+    assert 5 <= done < blocks
+    s = run_infer(cfg)["summary"]
+    assert (s["computed"], s["skipped"]) == (blocks - done, done)
+    assert_equals_reference(data, cfg.output)
+
+
+def test_killed_actor_is_restarted_and_the_run_completes(data, ray_local):
+    from ray.util.state import list_actors
+
+    cfg = config(data, "actor-killed")
+    killed: list[int] = []
+
+    def kill_one_actor() -> None:
+        deadline = time.monotonic() + 120
+        while _ledger_count(cfg.output, 75) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        address = ray_local.get_runtime_context().gcs_address  # other Ray instances may run on this machine
+        for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")]):
+            if "Predictor" in actor.class_name and actor.pid:
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.pid)
+                return
+
+    killer = threading.Thread(target=kill_one_actor)
+    killer.start()
+    s = run_infer(cfg)["summary"]
+    killer.join()
+    assert killed, "no Predictor actor was found to kill"
+    assert s["computed"] == s["blocks"] == 75 and s["actors"] >= 2  # the restarted actor has a new pid
+    assert_equals_reference(data, cfg.output)
+
+
+# --- scale -----------------------------------------------------------------------------------------------------
+
+
+def test_roi_of_a_petavoxel_volume(data, ray_local, tmp_path):
+    shape = (100_000, 100_000, 100_000)
+    url = f"file://{tmp_path}/huge.zarr/"
+    store = ts.open({"driver": "zarr", "kvstore": url, "metadata": {"shape": list(shape), "chunks": [2, 64, 64],
+                     "dtype": "|u1", "fill_value": 0}}, create=True).result()  # metadata only, no chunk written
+    store[0:6, 1000:1200, 2000:2232].write(data.vol).result()
+    t = time.perf_counter()
+    plan = BlockPlan.create(shape, (2, 48, 48), (2, 48, 48), "0:2,1000:1100,2000:2100")
+    assert time.perf_counter() - t < 1.0 and plan.num_blocks == 3 * 3
+    cfg = config(data, "huge-out", input=str(tmp_path / "huge.zarr"), output=str(tmp_path / "huge-out"),
+                 roi="0:2,1000:1100,2000:2100", write="labels")
+    s = run_infer(cfg)["summary"]
+    assert s["computed"] == 9 and s["voxels"] == 2 * 144 * 144
+    box = tuple(slice(a, b) for a, b in plan.roi)
+    vol = open_volume(cfg.input)
+    assert vol.shape == shape
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, meta = load_checkpoint(data.ckpt)
+        grid, norm = grid_and_normalizer(meta)
+        probs = predict_block_xy(model, lambda z, y, x: vol.read((z, y, x))[None], box, shape, grid, norm,
+                                 batch_size=BATCH)
+    finally:
+        torch.set_num_threads(threads)
+    labels = open_volume(str(tmp_path / "huge-out" / "labels"))
+    assert labels.shape == shape
+    assert np.array_equal(labels.read(box), argmax_labels(probs))
+    chunks = [p for p in (tmp_path / "huge-out" / "labels" / "0").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert len(chunks) == 9  # only the ROI's chunks exist
+
+
+# --- bad input: a UserError before any block runs ----------------------------------------------------------------
+
+
+def _no_blocks_ran(out: Path) -> bool:
+    return not (out / ".vemscale-ledger").exists()
+
+
+def test_missing_input(data, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        run_infer(config(data, "x", input=str(tmp_path / "nope.zarr"), output=str(tmp_path / "o")))
+    assert _no_blocks_ran(tmp_path / "o")
+
+
+def test_unreadable_checkpoint(data, tmp_path):
+    bad = tmp_path / "bad-ckpt"
+    bad.mkdir()
+    (bad / "vemscale.json").write_text((Path(data.ckpt) / "vemscale.json").read_text())
+    (bad / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="cannot load weights"):
+        run_infer(config(data, "x", checkpoint=str(bad), output=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="not a vemscale checkpoint|does not exist"):
+        run_infer(config(data, "x", checkpoint=str(tmp_path), output=str(tmp_path / "o")))
+    assert _no_blocks_ran(tmp_path / "o")
+
+
+def test_checkpoint_channels_must_match_volume(data, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "rgb", data.vol, in_chans=2)
+    with pytest.raises(UserError, match="expects 2 input channel"):
+        run_infer(config(data, "x", checkpoint=str(ckpt), output=str(tmp_path / "o")))
+    assert _no_blocks_ran(tmp_path / "o")
+
+
+def test_existing_output_of_another_shape(data, tmp_path):
+    out = tmp_path / "o"
+    create_ome_zarr(out / "labels", (6, 100, 100), np.uint8, (2, 48, 48), VOXEL)
+    with pytest.raises(UserError, match="overwrite"):
+        run_infer(config(data, "x", output=str(out)))
+    assert _no_blocks_ran(out)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a vemscale output"):
+        run_infer(config(data, "x", output=str(tmp_path / "foreign"), overwrite=True))
+    assert (tmp_path / "foreign" / "notes.txt").exists()
+
+
+def test_bad_block_shape(data, tmp_path):
+    with pytest.raises(UserError, match="nearest valid block_shape: 2,48,96"):
+        run_infer(config(data, "x", block_shape=(2, 50, 100), output=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_and_job_entry_point(data, tmp_path):
+    cfg = load_infer_config(["input=a", "output=b", "checkpoint=c",
+                             "roi=10:20,0:64,:", "block_shape=16,256,256", "halo=0,32,32", "workers=2",
+                             "mode=orthoplane", "write=labels", "overwrite=true"])
+    assert cfg.roi == "10:20,0:64,:" and cfg.block_shape == (16, 256, 256) and cfg.halo == (0, 32, 32)
+    assert (cfg.workers, cfg.mode, cfg.write, cfg.overwrite) == (2, "orthoplane", "labels", True)
+    from_file = load_infer_config([str(ROOT / "configs" / "infer.yaml"), "input=a", "output=b", "checkpoint=c"])
+    assert from_file.halo == "auto" and from_file.block_shape == (16, 768, 768)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "jobs/infer.py", f"input={tmp_path}/missing.zarr", f"output={tmp_path}/o",
+                           f"checkpoint={data.ckpt}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
