@@ -3,14 +3,21 @@
     <dir>/vemscale.json   model spec, classes, input normalisation, tile grid, voxel size, training config
     <dir>/model.pt        model state_dict
     <dir>/train_state.pt  optimizer/scheduler/RNG state for resuming (optional)
+
+A checkpoint can also be read from object storage (s3://, gs://, http(s)://): `local_checkpoint` copies
+its vemscale.json and model.pt into a per-URL cache directory (VEMSCALE_CHECKPOINT_CACHE, default
+~/.cache/vemscale/checkpoints) once per node and revalidates them by storage generation on every load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,8 @@ META_FILE = "vemscale.json"
 WEIGHTS_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
+CACHE_ENV = "VEMSCALE_CHECKPOINT_CACHE"
+_REMOTE = re.compile(r"^(s3|gs|gcs|http|https)://", re.IGNORECASE)
 
 
 class CheckpointMeta(BaseModel):
@@ -72,9 +81,59 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMe
     return path
 
 
+def is_remote_checkpoint(path: str | Path) -> bool:
+    """True for s3:// gs:// http(s):// checkpoint URLs."""
+    return bool(_REMOTE.match(os.fspath(path)))
+
+
+def checkpoint_location(path: str | Path) -> str:
+    """How to name a checkpoint to another process or node: a remote URL as given, a local path made absolute."""
+    return os.fspath(path) if is_remote_checkpoint(path) else str(Path(path).resolve())
+
+
+def local_checkpoint(path: str | Path) -> Path:
+    """A local directory holding the checkpoint: `path` itself, or a cached copy of a remote one.
+
+    Remote checkpoints (s3://, gs://, http(s)://; credentials and AWS_ENDPOINT_URL from the environment)
+    are read with tensorstore. Only vemscale.json and model.pt are fetched (not train_state.pt: resuming
+    training needs a local checkpoint). A file is downloaded again only when its storage generation
+    changed; each file is written aside and renamed, so concurrent workers on a node never see half a file.
+    """
+    if not is_remote_checkpoint(path):
+        return Path(path)
+    import tensorstore as ts
+
+    import vemscale.io  # noqa: F401  (S3-compatible endpoints from the environment)
+
+    url = os.fspath(path).rstrip("/") + "/"
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vemscale" / "checkpoints")
+    cache = root / hashlib.sha256(url.encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        kv = ts.KvStore.open(url).result()
+    except ValueError as err:
+        raise UserError(f"checkpoint {url!r} cannot be opened: {err}") from None
+    for name in (META_FILE, WEIGHTS_FILE):
+        target, stamp = cache / name, cache / f".{name}.generation"
+        cached = stamp.read_bytes() if target.is_file() and stamp.is_file() else None
+        try:
+            res = kv.read(name, if_not_equal=cached).result()
+        except ValueError as err:
+            raise UserError(f"checkpoint {url!r}: cannot read {name}: {err}") from None
+        if res.state == "missing":
+            raise UserError(f"checkpoint {url!r} is not a vemscale checkpoint: expected {META_FILE} and "
+                            f"{WEIGHTS_FILE} under it")
+        if res.state == "value":
+            for dest, data in ((target, bytes(res.value)), (stamp, bytes(res.stamp.generation))):
+                tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)
+    return cache
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     """The checkpoint's metadata; a clear UserError when the directory is not a vemscale checkpoint."""
-    path = Path(path)
+    path = local_checkpoint(path)
     meta_file = path / META_FILE
     if not path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} does not exist or is not a directory")
@@ -95,6 +154,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild the model from the checkpoint alone and load its weights (eval mode)."""
     from vemscale.models import create_model
 
+    path = local_checkpoint(path)
     meta = read_meta(path)
     model = create_model(**meta.model)
     try:
@@ -109,3 +169,25 @@ def load_train_state(path: str | Path) -> dict | None:
     """Optimizer/scheduler/RNG state saved for resuming, if the checkpoint has it."""
     f = Path(path) / STATE_FILE
     return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+
+
+def newest_resumable(root: str | Path) -> Path | None:
+    """The newest complete training checkpoint (weights, train state, meta all readable) under `root`.
+
+    A run killed while Ray Train was still recording a checkpoint leaves it on disk but not in Ray's own
+    state; resuming from the newest *complete* directory on disk loses the least work.
+    """
+    found = []
+    for meta in Path(root).glob("**/checkpoint_*/" + META_FILE):
+        try:
+            found.append((int(json.loads(meta.read_text())["iteration"]), meta.parent))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for _, d in sorted(found, key=lambda t: t[0], reverse=True):
+        try:
+            torch.load(d / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            if load_train_state(d) is not None:
+                return d
+        except Exception:  # partially copied: fall back to an older one
+            continue
+    return None
