@@ -39,3 +39,11 @@ def test_shipped_configs_validate():
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("finetune_*.yaml")):
         load_config(FinetuneConfig, path)
+
+
+def test_override_with_colons_stays_text():
+    """`10:20` is a range and `s3://b/v` a URL, not YAML 1.1 base-60 numbers or mappings."""
+    from vemscale.config import parse_overrides
+
+    assert parse_overrides(["roi=10:20,0:64,:", "input=s3://bucket/vol.zarr", "a.b=10:20"]) == {
+        "roi": "10:20,0:64,:", "input": "s3://bucket/vol.zarr", "a": {"b": "10:20"}}

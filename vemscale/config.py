@@ -39,6 +39,9 @@ C = TypeVar("C", bound=BaseModel)
 
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML, so `3`, `0.1`, `true`, `[1,2]` and `a,b` all do what a user means."""
+    if ":" in text and not text.lstrip().startswith(("[", "{")):
+        # URLs and ranges (`s3://b/v`, `10:20`): YAML 1.1 would read `10:20` as the base-60 number 620
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -13,10 +13,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
+from vemscale.checkpoint import newest_resumable
 from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.augment import AugmentConfig
@@ -209,8 +210,15 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     }
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Run (or resume) a fine-tuning run; returns the checkpoint path and the final metrics."""
+def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
+                  worker_resources: dict[str, float] | None = None):
+    """The Ray Train TorchTrainer `finetune` fits: inputs checked first (`prepare`), storage in run_dir/ray,
+    resuming from the newest checkpoint there, rank 0's reports logged to run_dir/metrics.csv.
+
+    `callbacks` run after the metrics logger (a sweep adds Ray Tune's report callback). `worker_resources`
+    (e.g. {"CPU": 0.9}, or with "GPU") replaces train.cpus_per_worker / use_gpu, so that trials of a Ray Tune
+    sweep can take fractional CPUs and fit a node beside their 0.1-CPU trainables.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -221,31 +229,42 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
-    use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
-    cpus = cfg.train.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.train.workers)
+    if worker_resources:
+        use_gpu = worker_resources.get("GPU", 0) > 0
+        resources = {k: v for k, v in worker_resources.items() if v}
+        cpus = max(1, round(worker_resources.get("CPU", 1)))  # torch threads
+    else:
+        use_gpu = cluster_has_gpus() if cfg.train.use_gpu == "auto" else bool(cfg.train.use_gpu)
+        cpus = cfg.train.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.train.workers)
+        resources = {"CPU": cpus}
     worker_cfg = cfg.model_dump(mode="json")
     for split in ("train", "val"):  # workers do not share the driver's working directory
         for src in worker_cfg["data"][split]:
             src["image"], src["labels"] = absolute_url(src["image"]), absolute_url(src["labels"])
     if worker_cfg.get("init"):
         worker_cfg["init"] = absolute_url(worker_cfg["init"])
-    worker_cfg.update(derived, config=cfg.model_dump(mode="json"), threads=cpus)
-    trainer = TorchTrainer(
+    resume = newest_resumable(run_dir / "ray")
+    worker_cfg.update(derived, config=cfg.model_dump(mode="json"), threads=cpus, resume_dir=str(resume) if resume else None)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_cfg,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name="train",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[_metrics_logger(run_dir)],
+            callbacks=[_metrics_logger(run_dir), *callbacks],
         ),
     )
-    result = trainer.fit()
+
+
+def export_result(cfg: FinetuneConfig, result) -> dict[str, Any]:
+    """After `fit`: copy the final checkpoint to run_dir/checkpoint, redraw the plot, return paths + metrics."""
     if result.error:
         raise RuntimeError(f"fine-tuning failed: {result.error}")
+    run_dir = cfg.run_dir.resolve()
     final = run_dir / "checkpoint"
     with result.checkpoint.as_directory() as d:
         tmp = run_dir / ".checkpoint.tmp"
@@ -261,6 +280,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "plot": str(run_dir / "metrics.png"),
         "metrics": metrics,
     }
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a fine-tuning run; returns the checkpoint path and the final metrics."""
+    return export_result(cfg, build_trainer(cfg).fit())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

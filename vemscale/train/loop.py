@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vemscale.checkpoint import CheckpointMeta, load_train_state, save_checkpoint, WEIGHTS_FILE
+from vemscale.checkpoint import CheckpointMeta, load_train_state, read_meta, save_checkpoint, WEIGHTS_FILE
 from vemscale.eval.metrics import class_scores, confusion_matrix, counts_from_confusion
 from vemscale.infer.tiling import Normalizer, TileGrid, numpy_reader, predict_block_xy
 from vemscale.train.augment import AugmentConfig, geometric, intensity
@@ -100,6 +100,20 @@ def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> Checkpoin
     )
 
 
+def resume_checkpoint(resume_dir: str | None):
+    """Ray's latest recorded checkpoint, or the newer complete one the driver found on disk (`resume_dir`)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if resume_dir:
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                recorded = read_meta(d).iteration
+        if not checkpoint or recorded < read_meta(resume_dir).iteration:
+            checkpoint = ray.train.Checkpoint.from_directory(resume_dir)
+    return checkpoint
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train worker: fine-tune for cfg['train']['iterations'] steps, reporting metrics and checkpoints."""
     import ray.train
@@ -129,7 +143,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     optimizer = make_optimizer(params, tcfg)
 
     start = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint(cfg.get("resume_dir"))
     if checkpoint:
         with checkpoint.as_directory() as d:
             net = model.module if hasattr(model, "module") else model

@@ -23,6 +23,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
+from vemscale.checkpoint import newest_resumable
 from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.finetune import read_metrics, write_metrics
@@ -197,8 +198,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     worker_cfg = cfg.model_dump(mode="json")
     for src in worker_cfg["data"]:  # workers do not share the driver's working directory
         src["path"] = absolute_url(src["path"])
+    resume = newest_resumable(run_dir / "ray")
     worker_cfg.update(input_scale=derived["input_scale"], config=cfg.model_dump(mode="json"), threads=cpus,
-                      run_dir=str(run_dir))
+                      run_dir=str(run_dir), resume_dir=str(resume) if resume else None)
     trainer = TorchTrainer(
         pretrain_loop_per_worker,
         train_loop_config=worker_cfg,

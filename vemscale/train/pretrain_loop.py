@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vemscale.checkpoint import WEIGHTS_FILE, CheckpointMeta, load_train_state, save_checkpoint
-from vemscale.train.loop import make_optimizer, poly_lr
+from vemscale.train.loop import make_optimizer, poly_lr, resume_checkpoint
 from vemscale.train.moco import MoCo, MocoConfig
 from vemscale.train.ssl_augment import Normalize, RetinaAugmentConfig, retina_pair, two_views
 
@@ -148,7 +148,7 @@ def pretrain_loop_per_worker(cfg: dict[str, Any]) -> None:
     optimizer = make_optimizer(params, tcfg)
 
     start, counters = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint(cfg.get("resume_dir"))
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_train_state(d) or {}
