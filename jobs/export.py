@@ -5,7 +5,7 @@ The same function as `vemscale export`; the exit code is non-zero when any task 
 
 import sys
 
-from vemscale.export.run import main
+from vemscale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["export", *sys.argv[1:], "--json"]))

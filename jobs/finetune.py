@@ -9,4 +9,4 @@ import sys
 from vemscale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    sys.exit(main(["finetune", *sys.argv[1:], "--json"]))

@@ -5,7 +5,7 @@ The same function as `vemscale infer`; the exit code is non-zero when any block 
 
 import sys
 
-from vemscale.infer.run import main
+from vemscale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["infer", *sys.argv[1:], "--json"]))

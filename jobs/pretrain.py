@@ -5,7 +5,7 @@ The same function as `vemscale pretrain`; exit 0 on success, 2 on bad input, 1 w
 
 import sys
 
-from vemscale.train.pretrain import main
+from vemscale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["pretrain", *sys.argv[1:], "--json"]))

@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from vemscale.config import StageConfig, dump_config, load_config
 from vemscale.errors import UserError
 
-__all__ = ["ExportConfig", "run_export", "add_arguments", "run_cli", "main"]
+__all__ = ["ExportConfig", "run_export", "add_arguments", "run_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +170,3 @@ def load_export_config(args: argparse.Namespace) -> ExportConfig:
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     return run_export(load_export_config(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `ray job submit -- python jobs/export.py ...`: 0 on success, 2 on bad input, 1 on failure."""
-    parser = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        result = run_cli(args)
-    except UserError as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
-    except Exception:
-        log.exception("export failed")
-        return 1
-    print(json.dumps(result, default=str))
-    return 0

@@ -7,14 +7,9 @@ halo=0,64,64 workers=2 mode=orthoplane write=labels roi=0:64,0:1024,0:1024 overw
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from typing import Any, Sequence
 
-from vemscale.errors import UserError
 
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,21 +38,3 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from vemscale.infer.pipeline import run_infer
 
     return run_infer(load_infer_config(args.items))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `ray job submit -- python jobs/infer.py ...`: 0 on success, 2 on bad input, 1 on failure."""
-    parser = argparse.ArgumentParser(prog="jobs/infer.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        result = run_cli(args)
-    except UserError as err:
-        print(f"infer: error: {err}", file=sys.stderr)
-        return 2
-    except Exception:
-        log.exception("infer failed")
-        return 1
-    print(json.dumps(result, default=str))
-    return 0

@@ -13,11 +13,9 @@ any worker starts. In run_dir: `checkpoint/` (final, kind "pretrain"), `metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -250,21 +248,3 @@ def run_cli(args: argparse.Namespace) -> dict:
     if "loss" in m:
         print(f"final loss: {m['loss']:.4f} at iteration {m.get('iteration')}")
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `ray job submit -- python jobs/pretrain.py ...`: 0 on success, 2 on bad input, 1 on failure."""
-    parser = argparse.ArgumentParser(prog="jobs/pretrain.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        result = run_cli(args)
-    except UserError as err:
-        print(f"pretrain: error: {err}", file=sys.stderr)
-        return 2
-    except Exception:
-        log.exception("pretrain failed")
-        return 1
-    print(json.dumps(result, default=str))
-    return 0
