@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("vemscale.io.ingest", "convert a TIFF/HDF5/MRC/slice folder into an OME-Zarr image"),
     "pretrain": ("vemscale.train.pretrain", "self-supervised pre-training on unlabeled EM (RETINA or MoCoV2, Ray Train)"),
     "finetune": ("vemscale.train.finetune", "fine-tune a segmentation model on labelled volumes (Ray Train)"),
+    "sweep": ("vemscale.tune.run", "fine-tuning over arms x hyperparameters x seeds on Ray Tune, with statistics and plots"),
     "evaluate": ("vemscale.eval.evaluate", "score a prediction against ground truth (IoU, F1, precision, recall, MFD)"),
     "infer": ("vemscale.infer.run", "predict a whole volume blockwise on a Ray Data actor pool"),
     "export": ("vemscale.export.run", "write any volume as a Neuroglancer precomputed layer (+ pyramid, meshes)"),
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         sys.stdout.flush()
         print(json.dumps(result, default=str))
-    return 0
+    return 1 if result.get("failed") else 0  # e.g. a sweep whose report lists failed trials
 
 
 if __name__ == "__main__":
