@@ -1,0 +1,115 @@
+"""One row per trial: arm, seed, sampled values, status, best and final metric, iterations, seconds, attempts.
+
+Tune gives each trial's config, status and error; the trial's own fine-tuning run (run_dir/trials/<trial>)
+gives the metric history (metrics.csv, every evaluation, also across resumes) and its attempts.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from vemscale.config import build_config
+from vemscale.train.finetune import FinetuneConfig, read_metrics
+from vemscale.tune.config import SweepConfig, compose, trial_name
+from vemscale.tune.trainable import read_attempts
+
+# Tune's statuses -> ours: DONE (ran every iteration), STOPPED (the scheduler stopped it early), ERROR (it
+# raised; the error column says why), UNFINISHED (never started or interrupted; `--resume` continues it)
+STATUS_ORDER = ["DONE", "STOPPED", "ERROR", "UNFINISHED"]
+
+
+def history(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(iteration, metric) at every report that carries the metric."""
+    out = []
+    for row in read_metrics(run_dir / "metrics.csv"):
+        if row.get(metric) not in (None, ""):
+            out.append((int(float(row["iteration"])), float(row[metric])))
+    return out
+
+
+def _seconds(run_dir: Path, attempts: list[dict]) -> float:
+    """Wall time of all attempts; an attempt killed without an end record counts until metrics.csv last changed."""
+    total, start = 0.0, None
+    for e in attempts:
+        if e.get("event") == "start":
+            if start is not None:
+                total += max(0.0, _last_write(run_dir, start) - start)
+            start = e["time"]
+        elif e.get("event") == "end" and start is not None:
+            total += e["time"] - start
+            start = None
+    if start is not None:
+        total += max(0.0, _last_write(run_dir, start) - start)
+    return total
+
+
+def _last_write(run_dir: Path, since: float) -> float:
+    try:
+        return max(since, os.path.getmtime(run_dir / "metrics.csv"))
+    except OSError:
+        return since
+
+
+def _error_line(error: Any) -> str:
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    # Tune wraps the trainable's exception: its last line is the cause
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def collect(grid, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for every trial of a finished (or interrupted) `Tuner.fit()`."""
+    sweep = SweepConfig.model_validate(state["sweep"])
+    metric, better = sweep.metric, (max if sweep.mode == "max" else min)
+    trials = grid._experiment_analysis.trials  # the Trial objects behind the results, same order
+    rows = []
+    for trial, result in zip(trials, grid):
+        cfg = trial.config
+        arm, seed, params = cfg["arm"], cfg["seed"], cfg.get("params") or {}
+        name = trial_name(arm, seed, trial.trial_id)
+        run_dir = Path(state["run_dir"]) / "trials" / name
+        target = build_config(FinetuneConfig, compose(state, arm, seed, params, run_dir)).train.iterations
+        hist = history(run_dir, metric)
+        logged = read_metrics(run_dir / "metrics.csv")
+        iterations = int(float(logged[-1]["iteration"])) if logged else 0
+        attempts = read_attempts(run_dir)
+        if trial.status == "ERROR":
+            status = "ERROR"
+        elif trial.status == "TERMINATED":
+            status = "DONE" if iterations >= target else "STOPPED"
+        else:
+            status = "UNFINISHED"
+        rows.append({
+            "trial": name,
+            "arm": arm,
+            "seed": seed,
+            **{k: params.get(k) for k in sweep.search_space},
+            "status": status,
+            f"best_{metric}": better(v for _, v in hist) if hist else None,
+            f"final_{metric}": hist[-1][1] if hist else None,
+            "iterations": iterations,
+            "target_iterations": target,
+            "seconds": round(_seconds(run_dir, attempts), 1),
+            "attempts": sum(1 for e in attempts if e.get("event") == "start"),
+            "error": _error_line(result.error) if status == "ERROR" else "",
+            "run_dir": str(run_dir),
+            "_history": hist,
+        })
+    arms = list(sweep.arms)
+    rows.sort(key=lambda r: (arms.index(r["arm"]), r["seed"], r["trial"]))
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = [c for c in (rows[0] if rows else {}) if not c.startswith("_")]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: "" if r.get(c) is None else r[c] for c in cols})
+    os.replace(tmp, path)
