@@ -132,12 +132,15 @@ SHORT = ["train.iterations=150", "train.batch_size=4", "train.val_every=150", "t
          "train.log_every=25"]
 
 
-# measured 2026-11-30 at 150 iterations, batch 4: vnc 0.676, isbi 0.655; floors leave room for seed/thread noise
-@pytest.mark.parametrize("config, floor", [
-    ("configs/finetune_vnc_mito.yaml", 0.45),
-    ("configs/finetune_isbi_membranes.yaml", 0.55),
+# measured 2026-11-30 at 150 iterations, batch 4: vnc 0.676, isbi 0.655; floors leave room for seed/thread noise.
+# The ISBI run and the VNC run with blockwise inference are `slow` so the default suite stays under 15 minutes
+# on 2 cores; `tests/test_demo.py` checks infer == validation on the generated volume in the default suite.
+@pytest.mark.parametrize("config, floor, check_infer", [
+    ("configs/finetune_vnc_mito.yaml", 0.45, False),
+    pytest.param("configs/finetune_vnc_mito.yaml", 0.45, True, marks=pytest.mark.slow),
+    pytest.param("configs/finetune_isbi_membranes.yaml", 0.55, False, marks=pytest.mark.slow),
 ])
-def test_short_finetune_on_real_data(tmp_path, config, floor):
+def test_short_finetune_on_real_data(tmp_path, config, floor, check_infer):
     r = _run(["finetune", config, *SHORT, f"run_dir={tmp_path / 'run'}", "--json"], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -151,7 +154,7 @@ def test_short_finetune_on_real_data(tmp_path, config, floor):
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"iteration", "loss", "lr", "val_iou"} <= set(header)
-    if "vnc" in config:
+    if check_infer:
         _infer_scores_like_validation(tmp_path, ckpt, iou)
 
 
