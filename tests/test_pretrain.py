@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import ROOT, data_path
 from vemscale.config import build_config
-from vemscale.train.finetune import FinetuneConfig, finetune, read_metrics
+from vemscale.train.finetune import FinetuneConfig, finetune
+from vemscale.train.metrics_log import read_metrics
 from vemscale.train.pretrain import PretrainConfig, pretrain
 
 CROP, BATCH, ITERATIONS = 64, 8, 12
@@ -120,3 +121,22 @@ def test_cli_bad_input_fails_before_training(tmp_path):
                         f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_transfer_comparison_runs_and_resumes(tmp_path, capsys):
+    """`python -m vemscale.bench.pretrain_transfer` end to end at toy length on the real datasets: every arm x seed
+    gets a held-out IoU, the table compares each arm with random init, and a rerun reuses the finished runs."""
+    from vemscale.bench.pretrain_transfer import main
+
+    argv = ["--out", str(tmp_path), "--pretrain-iterations", "4", "--pretrain-crop", "64", "--pretrain-batch", "4",
+            "--finetune-iterations", "4", "--crop", "64", "--batch", "2", "--seeds", "0,1", "--arms", "random,frozen",
+            "--workers", "1"]
+    result = main(argv)
+    assert sorted((r["arm"], r["seed"]) for r in result["runs"]) == [("frozen", 0), ("frozen", 1), ("random", 0), ("random", 1)]
+    assert all(0.0 <= r["val_iou"] <= 1.0 and r["iteration"] == 4 for r in result["runs"])
+    assert result["summary"]["frozen"]["vs_random"]["n_a"] == 2 and "vs_random" not in result["summary"]["random"]
+    assert "| frozen |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == result["runs"]
+    again = main(argv)  # finished runs are read back, not trained again
+    assert again["runs"] == result["runs"]

@@ -269,6 +269,25 @@ def test_sweep_failed_trial_then_resume(vnc_crop, tmp_path):
     print(f"sweep with a killed worker: {first_s:.0f} s; resume: {resume_s:.0f} s")
 
 
+def test_asha_stops_the_weak_trial(vnc_crop, tmp_path):
+    """ASHA on the training loss, one trial at a time: the arm that learns (AdamW, lr 1e-3) sets the rungs, the arm
+    that barely moves (lr 1e-7, same seed, so the same crops and init) is stopped at the first rung and reported
+    STOPPED, which does not fail the sweep."""
+    run_dir = tmp_path / "asha"
+    cfg = _sweep_yaml(tmp_path / "s.yaml", run_dir=str(run_dir), base=str(vnc_crop["base"]),
+                      arms={"learns": {}, "stalls": {"train.lr": 1e-7}}, seeds=[0], metric="loss", mode="min",
+                      scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2}, max_concurrent=1)
+    r = _run(["sweep", str(cfg), "--json"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {x["arm"]: x for x in _rows(run_dir / "trials.csv")}
+    assert rows["learns"]["status"] == "DONE" and int(rows["learns"]["iterations"]) == 30, rows
+    assert rows["stalls"]["status"] == "STOPPED" and 10 <= int(rows["stalls"]["iterations"]) < 30, rows
+    assert float(rows["stalls"]["final_loss"]) > float(rows["learns"]["best_loss"])
+    assert report["failed"] == 0
+    assert "STOPPED" in (run_dir / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_sweep_driver_killed_then_resume(vnc_crop, tmp_path):
     """Kill the whole sweep (driver and its local Ray) once a trial has finished: `--resume` runs the rest and

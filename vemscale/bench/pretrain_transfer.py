@@ -18,7 +18,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 
 DATA = Path(os.environ.get("VEMSCALE_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 UNLABELED = ["vnc_drosophila_sstem", "cdeep3m_sbem_mito", "isbi2012_membranes"]
@@ -95,17 +94,25 @@ def main(argv: list[str] | None = None) -> dict:
     init = run_pretrain(args)
     norm = read_meta(init).normalization
     rows = [run_finetune(args, arm, int(seed), init, norm) for seed in args.seeds.split(",") for arm in args.arms.split(",")]
+    from vemscale.tune.stats import describe, mann_whitney
+
     summary = {}
-    for arm in args.arms.split(","):
+    arms = args.arms.split(",")
+    for arm in arms:
         ious = [r["val_iou"] for r in rows if r["arm"] == arm]
-        summary[arm] = {"mean": float(np.mean(ious)), "std": float(np.std(ious)), "runs": ious}
+        summary[arm] = {"mean": describe(ious)["mean"], "std": describe(ious)["std"], "runs": ious}  # sample std
+        if arm != "random" and "random" in arms:  # two-sided, exact for small samples
+            summary[arm]["vs_random"] = mann_whitney(ious, [r["val_iou"] for r in rows if r["arm"] == "random"])
     result = {"config": {k: str(v) for k, v in vars(args).items()}, "runs": rows, "summary": summary}
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"\nheld-out IoU, VNC mitochondria slices 16-19, fine-tuned on slices {args.train_slices} "
           f"for {args.finetune_iterations} iterations (pre-training: {args.pretrain_iterations} iterations)")
-    print("| arm | mean IoU | std | runs |\n|---|---|---|---|")
+    print("| arm | mean IoU | std | runs (by seed) | Mann-Whitney vs random |\n|---|---|---|---|---|")
     for arm, s in summary.items():
-        print(f"| {arm} | {s['mean']:.4f} | {s['std']:.4f} | {', '.join(f'{v:.4f}' for v in s['runs'])} |")
+        std = "-" if s["std"] is None else f"{s['std']:.4f}"
+        mw = s.get("vs_random")
+        test = f"U = {mw['u']:g}, p = {mw['p']:.3g}" if mw and mw["p"] is not None else "-"
+        print(f"| {arm} | {s['mean']:.4f} | {std} | {', '.join(f'{v:.4f}' for v in s['runs'])} | {test} |")
     return result
 
 

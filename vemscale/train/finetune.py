@@ -8,7 +8,6 @@ same config with the same run_dir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from vemscale.checkpoint import newest_resumable
 from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.augment import AugmentConfig
+from vemscale.train.metrics_log import metrics_logger, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,49 +112,17 @@ class FinetuneConfig(StageConfig):
 METRIC_COLUMNS = ["iteration", "resumed_from", "loss", "lr", "images_per_s", "val_iou", "best_val_iou"]
 
 
-def _metrics_logger(run_dir: Path):
-    """A Ray Train callback (driver side) that appends rank 0's reports to metrics.csv and redraws the plot."""
-    from ray.train import UserCallback
+def _report_line(run_dir: Path):
+    """After each report: a log line; after an evaluation, metrics.png redrawn."""
 
-    class MetricsLogger(UserCallback):
-        def __init__(self) -> None:
-            self.path = run_dir / "metrics.csv"
-            self.first = True
+    def on_report(m: dict[str, Any]) -> None:
+        msg = f"[vemscale] it {m['iteration']} loss {m['loss']:.4f} lr {m['lr']:.2e} {m['images_per_s']:.1f} img/s"
+        if "val_iou" in m:
+            msg += f" val_iou {m['val_iou']:.4f}"
+            plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png")
+        print(msg, flush=True)
 
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            m = metrics[0]
-            rows = read_metrics(self.path)
-            if self.first:  # a resumed run restarts after its checkpoint: drop rows it will report again
-                rows = [r for r in rows if float(r["iteration"]) <= m["resumed_from"]]
-                self.first = False
-                if m["resumed_from"]:
-                    print(f"[vemscale] resumed from the checkpoint at iteration {m['resumed_from']}", flush=True)
-            cols = list(dict.fromkeys(METRIC_COLUMNS + sorted(k for k in m if k not in METRIC_COLUMNS)))
-            rows.append({c: m.get(c, "") for c in cols})
-            write_metrics(self.path, rows, cols)
-            msg = f"[vemscale] it {m['iteration']} loss {m['loss']:.4f} lr {m['lr']:.2e} {m['images_per_s']:.1f} img/s"
-            if "val_iou" in m:
-                msg += f" val_iou {m['val_iou']:.4f}"
-                plot_metrics(self.path, run_dir / "metrics.png")
-            print(msg, flush=True)
-
-    return MetricsLogger()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
-def write_metrics(path: Path, rows: list[dict], cols: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    return on_report
 
 
 def plot_metrics(csv_path: Path, png_path: Path) -> None:
@@ -255,7 +223,7 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
             name="train",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[_metrics_logger(run_dir), *callbacks],
+            callbacks=[metrics_logger(run_dir, METRIC_COLUMNS, _report_line(run_dir)), *callbacks],
         ),
     )
 

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from vemscale.checkpoint import newest_resumable
 from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
-from vemscale.train.finetune import read_metrics, write_metrics
+from vemscale.train.metrics_log import metrics_logger, read_metrics
 from vemscale.train.moco import MocoConfig
 from vemscale.train.ssl_augment import RetinaAugmentConfig
 from vemscale.train.unlabeled import SourceConfig, sources_from
@@ -122,31 +122,16 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def _metrics_logger(run_dir: Path):
-    """Ray Train callback (driver side): rank 0's reports -> metrics.csv, metrics.png and a log line."""
-    from ray.train import UserCallback
+def _report_line(run_dir: Path):
+    """After each report: metrics.png redrawn and a log line."""
 
-    class MetricsLogger(UserCallback):
-        def __init__(self) -> None:
-            self.path = run_dir / "metrics.csv"
-            self.first = True
+    def on_report(m: dict[str, Any]) -> None:
+        plot_loss(run_dir / "metrics.csv", run_dir / "metrics.png")
+        extra = f" acc {m['acc']:.3f}" if "acc" in m else ""
+        print(f"[vemscale] it {m['iteration']} loss {m['loss']:.4f}{extra} lr {m['lr']:.2e} "
+              f"{m['images_per_s']:.1f} img/s", flush=True)
 
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            m = metrics[0]
-            rows = read_metrics(self.path)
-            if self.first:  # a resumed run restarts after its checkpoint: drop rows it reports again
-                rows = [r for r in rows if float(r["iteration"]) <= m["resumed_from"]]
-                self.first = False
-                if m["resumed_from"]:
-                    print(f"[vemscale] resumed from the checkpoint at iteration {m['resumed_from']}", flush=True)
-            rows.append({c: m.get(c, "") for c in METRIC_COLUMNS})
-            write_metrics(self.path, rows, METRIC_COLUMNS)
-            plot_loss(self.path, run_dir / "metrics.png")
-            extra = f" acc {m['acc']:.3f}" if "acc" in m else ""
-            print(f"[vemscale] it {m['iteration']} loss {m['loss']:.4f}{extra} lr {m['lr']:.2e} "
-                  f"{m['images_per_s']:.1f} img/s", flush=True)
-
-    return MetricsLogger()
+    return on_report
 
 
 def prepare(cfg: PretrainConfig) -> dict[str, Any]:
@@ -207,7 +192,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             name="pretrain",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[_metrics_logger(run_dir)],
+            callbacks=[metrics_logger(run_dir, METRIC_COLUMNS, _report_line(run_dir))],
         ),
     )
     result = trainer.fit()

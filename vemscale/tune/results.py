@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vemscale.config import build_config
-from vemscale.train.finetune import FinetuneConfig, read_metrics
+from vemscale.train.finetune import FinetuneConfig
+from vemscale.train.metrics_log import read_metrics
 from vemscale.tune.config import SweepConfig, compose, trial_name
 from vemscale.tune.trainable import read_attempts
 

@@ -64,7 +64,7 @@ def _finished(run_dir: Path, iterations: int, metric: str) -> bool:
     import ray.tune
 
     from vemscale.checkpoint import read_meta
-    from vemscale.train.finetune import read_metrics
+    from vemscale.train.metrics_log import read_metrics
 
     runs = [e for e in read_attempts(run_dir) if e.get("event") in ("start", "end")]
     if not runs or runs[-1].get("outcome") != "done" or not (run_dir / "checkpoint").is_dir():
