@@ -131,6 +131,17 @@ def local_checkpoint(path: str | Path) -> Path:
     return cache
 
 
+def export_final(ray_checkpoint, final: Path) -> Path:
+    """Copy Ray Train's newest checkpoint to `final` (run_dir/checkpoint), replacing it in one rename."""
+    with ray_checkpoint.as_directory() as d:
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     """The checkpoint's metadata; a clear UserError when the directory is not a vemscale checkpoint."""
     path = local_checkpoint(path)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from vemscale.checkpoint import newest_resumable
+from vemscale.checkpoint import export_final, newest_resumable
 from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.augment import AugmentConfig
@@ -234,12 +232,7 @@ def export_result(cfg: FinetuneConfig, result) -> dict[str, Any]:
         raise RuntimeError(f"fine-tuning failed: {result.error}")
     run_dir = cfg.run_dir.resolve()
     final = run_dir / "checkpoint"
-    with result.checkpoint.as_directory() as d:
-        tmp = run_dir / ".checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    export_final(result.checkpoint, final)
     plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {

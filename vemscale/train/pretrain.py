@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from vemscale.checkpoint import newest_resumable
+from vemscale.checkpoint import export_final, newest_resumable
 from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.metrics_log import metrics_logger, read_metrics
@@ -153,16 +151,6 @@ def prepare(cfg: PretrainConfig) -> dict[str, Any]:
     return {"input_scale": dtype_scale(checked[0]["dtype"]), "sources": [c["what"] for c in checked]}
 
 
-def _export_checkpoint(result_checkpoint, final: Path) -> None:
-    """Copy Ray Train's newest checkpoint to run_dir/checkpoint (replaced atomically)."""
-    with result_checkpoint.as_directory() as d:
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-
-
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training run; returns the checkpoint path and the last metrics."""
     import ray
@@ -199,7 +187,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if result.error:
         raise RuntimeError(f"pre-training failed: {result.error}")
     final = run_dir / "checkpoint"
-    _export_checkpoint(result.checkpoint, final)
+    export_final(result.checkpoint, final)
     plot_loss(run_dir / "metrics.csv", run_dir / "metrics.png")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {

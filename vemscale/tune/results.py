@@ -6,14 +6,13 @@ gives the metric history (metrics.csv, every evaluation, also across resumes) an
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
 
 from vemscale.config import build_config
 from vemscale.train.finetune import FinetuneConfig
-from vemscale.train.metrics_log import read_metrics
+from vemscale.train.metrics_log import read_metrics, write_metrics
 from vemscale.tune.config import SweepConfig, compose, trial_name
 from vemscale.tune.trainable import read_attempts
 
@@ -22,13 +21,9 @@ from vemscale.tune.trainable import read_attempts
 STATUS_ORDER = ["DONE", "STOPPED", "ERROR", "UNFINISHED"]
 
 
-def history(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    """(iteration, metric) at every report that carries the metric."""
-    out = []
-    for row in read_metrics(run_dir / "metrics.csv"):
-        if row.get(metric) not in (None, ""):
-            out.append((int(float(row["iteration"])), float(row[metric])))
-    return out
+def history(rows: list[dict], metric: str) -> list[tuple[int, float]]:
+    """(iteration, metric) at every metrics.csv row that carries the metric."""
+    return [(int(float(r["iteration"])), float(r[metric])) for r in rows if r.get(metric) not in (None, "")]
 
 
 def _seconds(run_dir: Path, attempts: list[dict]) -> float:
@@ -74,8 +69,8 @@ def collect(grid, state: dict[str, Any]) -> list[dict[str, Any]]:
         name = trial_name(arm, seed, trial.trial_id)
         run_dir = Path(state["run_dir"]) / "trials" / name
         target = build_config(FinetuneConfig, compose(state, arm, seed, params, run_dir)).train.iterations
-        hist = history(run_dir, metric)
         logged = read_metrics(run_dir / "metrics.csv")
+        hist = history(logged, metric)
         iterations = int(float(logged[-1]["iteration"])) if logged else 0
         attempts = read_attempts(run_dir)
         if trial.status == "ERROR":
@@ -106,11 +101,6 @@ def collect(grid, state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A table of rows (columns from the first row, `_private` keys left out; None as an empty cell)."""
     cols = [c for c in (rows[0] if rows else {}) if not c.startswith("_")]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: "" if r.get(c) is None else r[c] for c in cols})
-    os.replace(tmp, path)
+    write_metrics(path, [{c: "" if r.get(c) is None else r[c] for c in cols} for r in rows], cols)
