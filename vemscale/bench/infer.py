@@ -70,7 +70,7 @@ def model_only(ckpt: str, vol: np.ndarray, block: tuple[int, int, int], chunks: 
                batch_size: int, threads: int) -> dict[str, float]:
     """Forward-pass time and in-process time over the pipeline's blocks, tiles and batches."""
     from vemscale.checkpoint import load_checkpoint
-    from vemscale.infer.plan import BlockPlan
+    from vemscale.blocks.grid import BlockGrid
     from vemscale.infer.predictor import grid_and_normalizer
     from vemscale.infer.tiling import numpy_reader, predict_block_xy
 
@@ -78,11 +78,11 @@ def model_only(ckpt: str, vol: np.ndarray, block: tuple[int, int, int], chunks: 
     model, meta = load_checkpoint(ckpt)
     grid, norm = grid_and_normalizer(meta)
     timed = TimedModel(model).eval()
-    plan = BlockPlan.create(vol.shape, chunks, block)
+    plan = BlockGrid.create(vol.shape, chunks, block)
     read = numpy_reader(vol)
     t = time.perf_counter()
     for i in range(plan.num_blocks):
-        predict_block_xy(timed, read, plan.block_box(i), vol.shape, grid, norm, batch_size=batch_size)
+        predict_block_xy(timed, read, plan.box(i), vol.shape, grid, norm, batch_size=batch_size)
     return {"model_s": timed.seconds, "inprocess_s": time.perf_counter() - t, "tile_pixels": timed.pixels}
 
 

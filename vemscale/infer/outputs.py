@@ -5,7 +5,7 @@ Layout of an OME-Zarr output (the default; local path, s3:// or gs://)::
     <output>/.zgroup, .zattrs        a zarr group; .zattrs["vemscale"] names the layers and classes
     <output>/probabilities/          OME-Zarr image c,z,y,x uint8: round(p * 255) per class (c = classes)
     <output>/labels/                 OME-Zarr image z,y,x: argmax class (uint8; uint32 past 256 classes)
-    <output>/.vemscale-ledger/       the done-ledger (see vemscale.infer.ledger)
+    <output>/.vemscale-ledger/       the done-ledger (see vemscale.blocks.ledger)
 
 Both images cover the whole input volume (same voxel size; an ROI run fills only its part), so they
 overlay the input in any viewer. `precomputed://<output>` writes the same two layers as Neuroglancer
@@ -24,7 +24,7 @@ import numpy as np
 import tensorstore as ts
 
 from vemscale.errors import UserError
-from vemscale.infer.ledger import LEDGER_DIR
+from vemscale.blocks.ledger import LEDGER_DIR
 from vemscale.io.ome_zarr import create_ome_zarr
 from vemscale.io.urls import ParsedUrl, join_url, kvstore_url, parse_url
 

@@ -1,41 +1,41 @@
-"""`run_infer(config)`: validate everything, plan blocks, stream pending block ids through a Ray Data actor pool.
+"""`run_infer(config)`: validate everything, plan blocks, stream pending blocks through read -> predict -> write.
 
 Order of work: (1) every check a user can fail (input, checkpoint, channels, block geometry, existing
 output) raises a UserError before Ray starts or any block runs; (2) outputs and the ledger are created or
-reopened; (3) pending block ids stream from a lazy source that lists the ledger one shard at a time into
-`map_batches(Predictor, batch_size=1, compute=ActorPoolStrategy(size=workers))`; (4) the driver counts
-the per-block stats as they arrive (progress bar) and checks at the end that the ledger holds every block.
+reopened; (3) `vemscale.blocks.runner.run_blocks` streams the pending block ids (batches of contiguous ids,
+listed from the ledger one shard at a time) through three stages: read tasks, the model actor pool, write
+tasks that mark the blocks done; (4) the driver folds the per-block stats as they arrive (progress bar) and
+checks at the end that the ledger holds every block.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
-import ray.data
+import ray
 from pydantic import Field, field_validator
-from ray.data import Datasource
-from ray.data.block import BlockAccessor, BlockMetadata
-from ray.data.datasource import ReadTask
 
+from vemscale.blocks.grid import BlockGrid, format_roi
+from vemscale.blocks.ledger import Ledger, ledger_url
+from vemscale.blocks.runner import Stage, ids_per_batch, run_blocks
 from vemscale.checkpoint import checkpoint_location
-from vemscale.config import StageConfig, dump_config
+from vemscale.config import StageConfig, absolute_url, dump_config
 from vemscale.errors import UserError
-from vemscale.infer.ledger import SHARD, Ledger, ledger_url
 from vemscale.infer.outputs import check_output, prepare_outputs
-from vemscale.infer.plan import BlockPlan, format_roi
-from vemscale.infer.predictor import BlockJob, grid_and_normalizer, weights_sha256
+from vemscale.infer.predictor import BlockJob, Predictor, grid_and_normalizer, read_blocks, weights_sha256, \
+    write_blocks
 from vemscale.infer.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
-PREDICTION_VERSION = 1  # bump when the bytes written for the same inputs change
+PREDICTION_VERSION = 2  # bump when the bytes written for the same inputs change
 
 
 class InferConfig(StageConfig):
@@ -53,7 +53,11 @@ class InferConfig(StageConfig):
     write: Literal["labels", "probabilities", "both"] = "both"
     workers: Literal["auto"] | int = "auto"  # actors (one model each); auto: one per GPU, else CPUs // threads
     threads_per_worker: int = Field(1, ge=1)  # torch threads (and Ray CPUs) per actor
-    batch_size: int = Field(8, ge=1)  # 2D tiles per forward pass
+    batch_size: int = Field(8, ge=1)  # 2D tiles per forward pass (tiles of several blocks share a batch)
+    read_tasks: int = Field(2, ge=1)  # read tasks at once (block + halo from the input)
+    write_tasks: int = Field(2, ge=1)  # write tasks at once
+    io_cpus: Literal["auto"] | float = "auto"  # Ray CPUs per read/write task; auto: 0 when the actors take every CPU
+    blocks_per_batch: Literal["auto"] | int = "auto"  # block ids per Ray Data block; auto: ~64 MiB, >= 4 per actor
     num_gpus_per_worker: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs, else 0
     overwrite: bool = False  # replace an existing output (and its ledger) instead of resuming
     progress: bool = True  # a progress bar over blocks on stderr
@@ -82,35 +86,6 @@ class InferConfig(StageConfig):
         return v
 
 
-class PendingBlocks(Datasource):
-    """A Ray Data datasource of the block ids not yet in the ledger, one id per Ray Data block.
-
-    Read tasks take no CPU (`ray.data.range`'s take one each, so an actor pool using every core starves
-    them and the run hangs) and run one at a time; each lists one ledger shard at a time, so no one holds
-    all ids. One id per Ray Data block lets the actor pool balance blocks one by one.
-    """
-
-    def __init__(self, num_blocks: int, ledger: Ledger) -> None:
-        self.num_blocks, self.ledger = int(num_blocks), ledger
-
-    def estimate_inmemory_data_size(self) -> int:
-        return 8 * self.num_blocks
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list:
-        n, ledger = self.num_blocks, self.ledger
-        n_tasks = max(1, min(parallelism if parallelism > 0 else 1, -(-n // SHARD)))
-        step = -(-n // n_tasks)
-
-        def read(lo: int, hi: int) -> Iterable[Any]:
-            for ids in ledger.pending(lo, hi):
-                for i in ids:
-                    yield BlockAccessor.batch_to_block({"id": np.asarray([i], np.int64)})
-
-        return [ReadTask(lambda lo=lo, hi=min(lo + step, n): read(lo, hi),
-                         BlockMetadata(num_rows=None, size_bytes=8 * (min(lo + step, n) - lo), exec_stats=None))
-                for lo in range(0, n, step)]
-
-
 def _channels(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) == 4 else 1
 
@@ -129,7 +104,7 @@ def validate(cfg: InferConfig) -> dict[str, Any]:
     if in_chans != _channels(volume.shape):
         raise UserError(f"checkpoint {cfg.checkpoint!r} expects {in_chans} input channel(s) but {cfg.input!r} has "
                         f"{_channels(volume.shape)} (shape {volume.shape})")
-    plan = BlockPlan.create(volume.shape[-3:], cfg.output_chunks, cfg.block_shape, cfg.roi)
+    plan = BlockGrid.create(volume.shape[-3:], cfg.output_chunks, cfg.block_shape, cfg.roi)
     if cfg.roi is not None and format_roi(plan.roi) != cfg.roi.replace(" ", ""):
         log.info("roi %s aligned outwards to output chunks %s: %s", cfg.roi, plan.chunk_shape, format_roi(plan.roi))
     return {"volume": volume, "meta": meta, "plan": plan}
@@ -156,7 +131,7 @@ def _num_workers(cfg: InferConfig, num_gpus: float) -> int:
     return int(cfg.workers)
 
 
-def tile_recompute_factor(plan: BlockPlan, grid: TileGrid, mode: str) -> float:
+def tile_recompute_factor(plan: BlockGrid, grid: TileGrid, mode: str) -> float:
     """Tiles computed blockwise / tiles of one whole-ROI pass: tiles straddling block seams run once per block.
 
     1.0 when every block edge inside the ROI falls on the tile grid (block y/x a multiple of the tile core).
@@ -169,7 +144,7 @@ def tile_recompute_factor(plan: BlockPlan, grid: TileGrid, mode: str) -> float:
     return factor
 
 
-def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockPlan, weights: str, use_gpu: bool) -> dict[str, Any]:
+def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weights: str, use_gpu: bool) -> dict[str, Any]:
     """What decides the bytes of each block (the ledger fingerprint); halo and workers do not.
 
     threads_per_worker is left out on purpose: torch's CPU kernels can move a probability by one ulp with
@@ -187,63 +162,55 @@ def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockPlan, weig
     }
 
 
-@contextlib.contextmanager
-def _one_block_per_ray_block() -> Iterator[None]:
-    """Ray Data settings for the run, restored afterwards.
+class _Stats:
+    """The run's per-block stats, folded batch by batch in the driver (O(actors) memory)."""
 
-    A tiny target block size makes every id, and every result row, its own Ray Data block: the pool then
-    hands out one block per actor call (load balancing, prompt progress, a killed actor retries one block)
-    instead of buffering all ids of a read task into one block. Also no Ray Data progress bars.
-    """
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start)
-    ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start = 1, False, False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    try:
-        yield
-    finally:
-        ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+    def __init__(self) -> None:
+        self.sums = {k: 0.0 for k in ("voxels", "context_voxels", "halo_misses", "read_s", "predict_s", "forward_s",
+                                      "write_s", "tiles", "batches")}
+        self.peak_rss_mb = self.actor_init_s = 0.0
+        self.busy: dict[int, list[float]] = {}  # pid -> [forward seconds, first start, last end]
+        self.first_block_at: float | None = None
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        for k in self.sums:
+            self.sums[k] += float(np.sum(batch[k]))
+        self.peak_rss_mb = max(self.peak_rss_mb, float(np.max(batch["peak_rss_mb"])))
+        self.actor_init_s = max(self.actor_init_s, float(np.max(batch["actor_init_s"])))
+        for pid in np.unique(batch["pid"]):
+            sel = batch["pid"] == pid
+            b = self.busy.setdefault(int(pid), [0.0, math.inf, 0.0])
+            b[0] += float(np.sum(batch["forward_s"][sel]))
+            b[1] = min(b[1], float(np.min(batch["predict_start"][sel])))
+            b[2] = max(b[2], float(np.max(batch["predict_end"][sel])))
+        first = float(np.min(batch["finished_at"]))
+        self.first_block_at = first if self.first_block_at is None else min(self.first_block_at, first)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.sums
+        out: dict[str, Any] = {k: int(s[k]) for k in ("voxels", "context_voxels", "halo_misses", "tiles", "batches")}
+        out.update({k: round(s[k], 3) for k in ("read_s", "predict_s", "forward_s", "write_s")})
+        out["actors"] = len(self.busy)
+        if self.busy:
+            start = min(b[1] for b in self.busy.values())
+            end = max(b[2] for b in self.busy.values())
+            wall = max(end - start, 1e-9) * len(self.busy)
+            out["predict_busy"] = round(sum(b[0] for b in self.busy.values()) / wall, 4)
+        out["peak_actor_rss_mb"] = round(self.peak_rss_mb, 1)
+        out["actor_init_s"] = round(self.actor_init_s, 3)
+        return out
 
 
-def _run_pool(job: BlockJob, num_blocks: int, ledger: Ledger, workers: int, num_gpus: float,
-              bar: Any) -> dict[str, Any]:
-    """Stream pending blocks through the actor pool; aggregate the per-block stats."""
-    from vemscale.infer.predictor import Predictor
-
-    agg = {"computed": 0, "voxels": 0, "context_voxels": 0, "block_seconds": 0.0, "read_s": 0.0, "predict_s": 0.0,
-           "write_s": 0.0, "halo_misses": 0, "peak_actor_rss_mb": 0.0, "actor_init_s": 0.0, "actors": set(),
-           "first_block_at": None}
-    with _one_block_per_ray_block():
-        # one read task at a time: 0-CPU tasks are not capped by CPUs, and a flood of one-id blocks from many
-        # concurrent readers slows the executor down (with 50k blocks ~60 ms per block vs ~12 ms)
-        ds = ray.data.read_datasource(PendingBlocks(num_blocks, ledger), num_cpus=0, concurrency=1)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs={"job": job.model_dump(mode="json")}, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=job.threads, num_gpus=num_gpus)
-        for row in ds.iter_rows():
-            _fold(agg, row)
-            bar.update(1)
-    agg["actors"] = len(agg["actors"])
-    return agg
-
-
-def _fold(agg: dict[str, Any], row: dict[str, Any]) -> None:
-    """Add one block's stats to the run's."""
-    agg["computed"] += 1
-    for k in ("voxels", "context_voxels", "halo_misses"):
-        agg[k] += int(row[k])
-    for k in ("read_s", "predict_s", "write_s"):
-        agg[k] += float(row[k])
-    agg["block_seconds"] += float(row["seconds"])
-    agg["peak_actor_rss_mb"] = max(agg["peak_actor_rss_mb"], float(row["peak_rss_mb"]))
-    agg["actor_init_s"] = max(agg["actor_init_s"], float(row["actor_init_s"]))
-    agg["actors"].add(int(row["pid"]))
-    agg["first_block_at"] = min(agg["first_block_at"] or np.inf, float(row["finished_at"]))
+def _io_cpus(cfg: InferConfig, workers: int) -> float:
+    """CPUs per read/write task: 0 when the actor pool takes every CPU (else the pipeline could not run), else 1."""
+    if cfg.io_cpus != "auto":
+        return float(cfg.io_cpus)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    return 0.0 if workers * cfg.threads_per_worker >= cpus else 1.0
 
 
 def run_infer(cfg: InferConfig) -> dict[str, Any]:
     """Predict `cfg.input` blockwise into `cfg.output`; resumes from the ledger. Returns outputs and a summary."""
-    from tqdm import tqdm
 
     t_start = time.perf_counter()
     checked = validate(cfg)
@@ -252,7 +219,7 @@ def run_infer(cfg: InferConfig) -> dict[str, Any]:
     classes = list(meta.classes) if len(meta.classes) == k else [f"class_{i}" for i in range(k)]
     check_output(cfg.output)
     if cfg.overwrite:  # forget done blocks before any output is deleted, so a kill in between cannot skip them
-        Ledger(ledger_url(cfg.output), "").clear()
+        Ledger.invalidate(ledger_url(cfg.output))
     layers = prepare_outputs(cfg.output, plan.volume_shape, volume.voxel_size_xyz, classes, plan.chunk_shape,
                              cfg.write, cfg.overwrite, attrs={"checkpoint": cfg.checkpoint, "input": cfg.input})
     weights = weights_sha256(cfg.checkpoint)
@@ -265,10 +232,8 @@ def run_infer(cfg: InferConfig) -> dict[str, Any]:
     describe = describe_run(cfg, volume, meta, plan, weights, num_gpus > 0)
     ledger = Ledger.open(ledger_url(cfg.output), describe, reset=cfg.overwrite)
     num_blocks = plan.num_blocks
-    skipped = ledger.count_done(num_blocks)
-    pending = num_blocks - skipped
-    log.info("%d blocks of %s over roi %s: %d done before, %d to compute", num_blocks, plan.block_shape,
-             format_roi(plan.roi), skipped, pending)
+    pending = num_blocks - ledger.count_done(num_blocks)
+    log.info("%d blocks of %s over roi %s", num_blocks, plan.block_shape, format_roi(plan.roi))
     grid, _ = grid_and_normalizer(meta)
     recompute = tile_recompute_factor(plan, grid, cfg.mode)
     if recompute > 1.05:
@@ -276,40 +241,39 @@ def run_infer(cfg: InferConfig) -> dict[str, Any]:
         log.info("blocks recompute %.0f%% of the tiles at their seams; a block y,x that is a multiple of %d (tile core "
                  "%d, output chunks %s) computes each tile once", 100 * (recompute - 1), best, grid.core,
                  plan.chunk_shape[1:])
-    job = BlockJob(input=cfg.input, scale=cfg.scale, checkpoint=checkpoint_location(cfg.checkpoint),
-                   weights_sha256=weights, plan=plan.to_dict(), halo=cfg.halo, mode=cfg.mode,
+    job = BlockJob(input=absolute_url(cfg.input), scale=cfg.scale, checkpoint=checkpoint_location(cfg.checkpoint),
+                   weights_sha256=weights, grid=plan.to_dict(), halo=cfg.halo, mode=cfg.mode,
                    batch_size=cfg.batch_size, threads=cfg.threads_per_worker, use_gpu=num_gpus > 0,
-                   layers={n: layer.spec for n, layer in layers.items()}, ledger_url=ledger.url,
-                   ledger_fingerprint=ledger.fingerprint)
-    t_pool, t_pool_wall = time.perf_counter(), time.time()
-    agg: dict[str, Any] = {"computed": 0, "voxels": 0, "context_voxels": 0, "first_block_at": None}
-    if pending:
-        with tqdm(total=pending, unit="block", desc="infer", disable=not cfg.progress, mininterval=1.0) as bar:
-            try:
-                agg = _run_pool(job, num_blocks, ledger, min(workers, pending), num_gpus, bar)
-            except Exception as err:
-                done = ledger.count_done(num_blocks)
-                raise RuntimeError(f"inference failed with {done}/{num_blocks} blocks done (rerun to resume): "
-                                   f"{type(err).__name__}: {err}") from err
-    seconds = time.perf_counter() - t_pool
-    done = ledger.count_done(num_blocks)
-    if done != num_blocks or agg["computed"] != pending:
-        raise RuntimeError(f"inference incomplete: ledger holds {done}/{num_blocks} blocks, {agg['computed']} of "
-                           f"{pending} pending blocks reported; rerun to resume")
+                   layers={n: layer.spec for n, layer in layers.items()}, tile=grid.tile, margin=grid.margin,
+                   run_id=uuid.uuid4().hex).model_dump(mode="json")
+    actors = max(1, min(workers, pending))
+    io_cpus = _io_cpus(cfg, actors)
+    voxel_bytes = 1 + (k if "probabilities" in layers else 0) + (1 if "labels" in layers else 0)  # input + outputs
+    per_batch = (cfg.blocks_per_batch if cfg.blocks_per_batch != "auto"
+                 else ids_per_batch(plan.block_bytes(voxel_bytes), pending, actors))
+    stages = [
+        Stage("read", read_blocks, {"job": job}, num_cpus=io_cpus, concurrency=cfg.read_tasks),
+        Stage("predict", Predictor, {"job": job}, actors=actors, num_cpus=cfg.threads_per_worker, num_gpus=num_gpus),
+        Stage("write", write_blocks, {"job": job}, num_cpus=io_cpus, concurrency=cfg.write_tasks),
+    ]
+    stats = _Stats()
+    t_pool_wall = time.time()
+    run = run_blocks("infer", num_blocks, ledger, stages, batch_ids=per_batch, on_batch=stats,
+                     progress=cfg.progress)
     summary = {
-        "blocks": num_blocks, "computed": agg["computed"], "skipped": skipped, "workers": workers,
+        "blocks": num_blocks, "computed": run["computed"], "skipped": run["skipped"], "workers": workers,
         "threads_per_worker": cfg.threads_per_worker, "num_gpus_per_worker": num_gpus,
-        "voxels": agg["voxels"], "seconds": round(seconds, 3),
-        "voxels_per_s": round(agg["voxels"] / seconds, 1) if agg["computed"] and seconds > 0 else 0.0,
+        "blocks_per_batch": per_batch, "read_tasks": cfg.read_tasks, "write_tasks": cfg.write_tasks,
+        "seconds": run["seconds"], "blocks_per_s": run["blocks_per_s"],
         "total_seconds": round(time.perf_counter() - t_start, 3),
-        "halo_overhead": round(agg["context_voxels"] / agg["voxels"], 4) if agg["voxels"] else None,
         "tile_recompute": round(recompute, 4),
-        "seconds_to_first_block": round(agg["first_block_at"] - t_pool_wall, 3) if agg["first_block_at"] else None,
-        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in agg.items()
-           if k not in ("computed", "voxels", "context_voxels", "first_block_at")},
+        "seconds_to_first_block": round(stats.first_block_at - t_pool_wall, 3) if stats.first_block_at else None,
+        **stats.summary(),
     }
+    summary["voxels_per_s"] = round(summary["voxels"] / run["seconds"], 1) if run["computed"] and run["seconds"] else 0.0
+    summary["halo_overhead"] = round(summary["context_voxels"] / summary["voxels"], 4) if summary["voxels"] else None
     log.info("infer: %d blocks computed, %d skipped, %d voxels in %.1f s (%.0f voxels/s)", summary["computed"],
-             skipped, summary["voxels"], seconds, summary["voxels_per_s"])
+             summary["skipped"], summary["voxels"], summary["seconds"], summary["voxels_per_s"])
     result = {
         "outputs": {n: layer.url for n, layer in layers.items()},
         "output": cfg.output, "ledger": ledger.url, "classes": classes,
@@ -327,4 +291,4 @@ def _write_run_files(cfg: InferConfig, result: dict[str, Any]) -> None:
     (run_dir / "infer_summary.json").write_text(json.dumps(result, indent=2, default=str))
 
 
-__all__ = ["InferConfig", "run_infer", "validate", "describe_run", "PendingBlocks"]
+__all__ = ["InferConfig", "run_infer", "validate", "describe_run"]

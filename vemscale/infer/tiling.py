@@ -2,14 +2,14 @@
 
 Tile k along an axis reads input [k*core - margin, k*core - margin + tile) and keeps only its core
 [k*core, (k+1)*core). Positions outside the volume are filled by mirroring at the *volume* bounds (never at
-block bounds), and batches always have the same size, so a block, a whole slice or a whole volume give the
-same bytes for the same voxel.
+block bounds), and batches always have the same size (tiles of several blocks share a batch; only the last one is
+padded), so a block, a whole slice or a whole volume give the same bytes for the same voxel.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,21 +83,204 @@ class Normalizer:
         return {"scale": float(self.scale), "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]}
 
 
-def _run_batches(model: torch.nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device, amp_dtype) -> np.ndarray:
-    """Softmax probabilities for (N, C, T, T) tiles, always in batches of exactly `batch_size` (zero-padded)."""
-    out = []
-    n = tiles.shape[0]
-    for start in range(0, n, batch_size):
-        chunk = tiles[start : start + batch_size]
-        if chunk.shape[0] < batch_size:
-            pad = np.zeros((batch_size - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
-        x = torch.from_numpy(chunk).to(device, non_blocking=True)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        probs = torch.softmax(logits.float(), dim=1)
-        out.append(probs.cpu().numpy()[: min(batch_size, n - start)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+class TileBatcher:
+    """Runs tiles through the model in batches of exactly `batch_size`, packing the tiles of consecutive requests.
+
+    Each tile's numbers depend only on the tile and the (fixed) batch size, never on its batch-mates, so
+    packing tiles of many blocks into one batch keeps the bytes of every block; only the last batch of a
+    `flush` is zero-padded. A 1-tile block among many costs one tile, not a whole padded batch.
+    Results keep only each tile's core (margins cropped).
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, margin: int, device: torch.device | str = "cpu",
+                 amp_dtype: torch.dtype | None = None) -> None:
+        self.model, self.batch_size, self.margin = model, int(batch_size), int(margin)
+        self.device, self.amp_dtype = torch.device(device), amp_dtype
+        self._queue: list[list] = []  # [request id, tiles, next index]
+        self._queued = 0
+        self._out: dict[int, np.ndarray] = {}
+        self._filled: dict[int, int] = {}
+        self._size: dict[int, int] = {}
+        self._next_id = 0
+        self.tiles_run = 0  # real tiles through the model
+        self.batches_run = 0
+        self.forward_seconds = 0.0
+
+    def submit(self, tiles: np.ndarray) -> int:
+        """Queue tiles (N, C, T, T) float32; runs every full batch now available. Returns the request id."""
+        rid = self._next_id
+        self._next_id += 1
+        self._filled[rid] = 0
+        self._size[rid] = len(tiles)
+        self._out[rid] = None  # type: ignore[assignment]
+        if len(tiles):
+            self._queue.append([rid, tiles, 0])
+            self._queued += len(tiles)
+        while self._queued >= self.batch_size:
+            self._run(self.batch_size)
+        return rid
+
+    def flush(self) -> None:
+        """Run what is queued, zero-padding the last batch to `batch_size`."""
+        while self._queued:
+            self._run(min(self._queued, self.batch_size))
+
+    def done(self, rid: int) -> bool:
+        return not any(q[0] == rid for q in self._queue)
+
+    def result(self, rid: int) -> np.ndarray:
+        """(N, K, core, core) probabilities of a finished request (and forget it)."""
+        if not self.done(rid):
+            raise RuntimeError(f"tile request {rid} has not run yet; flush first")
+        self._filled.pop(rid)
+        self._size.pop(rid)
+        out = self._out.pop(rid)
+        return out if out is not None else np.zeros((0,), np.float32)
+
+    def _run(self, n: int) -> None:
+        import time
+
+        parts, owners = [], []
+        while sum(len(p) for p in parts) < n:
+            entry = self._queue[0]
+            rid, tiles, pos = entry
+            take = min(len(tiles) - pos, n - sum(len(p) for p in parts))
+            parts.append(tiles[pos : pos + take])
+            owners.append((rid, take))
+            entry[2] = pos + take
+            if entry[2] == len(tiles):
+                self._queue.pop(0)
+        self._queued -= n
+        chunk = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if n < self.batch_size:
+            chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(chunk))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        m = self.margin
+        core = logits.shape[-1] - 2 * m
+        probs = torch.softmax(logits.float(), dim=1)[:n, :, m : m + core, m : m + core].cpu().numpy()
+        self.forward_seconds += time.perf_counter() - t0
+        self.tiles_run += n
+        self.batches_run += 1
+        i = 0
+        for rid, take in owners:
+            if self._out[rid] is None:
+                self._out[rid] = np.empty((self._size[rid], *probs.shape[1:]), np.float32)
+            f = self._filled[rid]
+            self._out[rid][f : f + take] = probs[i : i + take]
+            self._filled[rid] = f + take
+            i += take
+
+
+@dataclass
+class PlaneTiles:
+    """The tiles of one box in one plane orientation, and how to put their cores back together."""
+
+    tiles: np.ndarray  # (N, C, T, T) normalised input
+    nz: int
+    ny: int  # tiles along y
+    nx: int  # tiles along x
+    crop: tuple[slice, slice]  # y, x crop of the assembled core canvas to the box
+
+
+def xy_tiles(read: Reader, box: tuple[slice, slice, slice], volume_shape: tuple[int, int, int], grid: TileGrid,
+             normalize: Normalizer) -> PlaneTiles:
+    """Cut the global-grid tiles that cover `box` slice by slice in xy (context mirrored at the volume bounds)."""
+    zs, ys, xs = box
+    y0, y1 = grid.window(ys.start, ys.stop)
+    x0, x1 = grid.window(xs.start, xs.stop)
+    window = normalize(read_mirrored(read, zs, (y0, y1), (x0, x1), volume_shape[1:]))  # (C, z, Y, X)
+    c, nz = window.shape[0], window.shape[1]
+    ky, kx = grid.tile_range(ys.start, ys.stop), grid.tile_range(xs.start, xs.stop)
+    t, s = grid.tile, grid.core
+    tiles = np.empty((nz * len(ky) * len(kx), c, t, t), np.float32)
+    i = 0
+    for z in range(nz):
+        for a in range(len(ky)):
+            for b in range(len(kx)):
+                tiles[i] = window[:, z, a * s : a * s + t, b * s : b * s + t]
+                i += 1
+    core_y0, core_x0 = ky.start * s, kx.start * s
+    crop = (slice(ys.start - core_y0, ys.stop - core_y0), slice(xs.start - core_x0, xs.stop - core_x0))
+    return PlaneTiles(tiles, nz, len(ky), len(kx), crop)
+
+
+def assemble_xy(plane: PlaneTiles, cores: np.ndarray) -> np.ndarray:
+    """Tile cores (N, K, core, core) -> probabilities (K, z, y, x) of the box."""
+    n, k, s = cores.shape[0], cores.shape[1], cores.shape[-1]
+    grid = cores.reshape(plane.nz, plane.ny, plane.nx, k, s, s).transpose(3, 0, 1, 4, 2, 5)
+    canvas = grid.reshape(k, plane.nz, plane.ny * s, plane.nx * s)
+    return canvas[:, :, plane.crop[0], plane.crop[1]]
+
+
+def permuted_reader(read: Reader, order: tuple[int, int, int]) -> Reader:
+    """A Reader over the volume with spatial axes permuted: axis i of the view is axis order[i] of `read`."""
+    inv = tuple(int(i) for i in np.argsort(order))
+
+    def view(*slices: slice) -> np.ndarray:
+        data = read(*(slices[inv[j]] for j in range(3)))
+        return data.transpose(0, *(1 + o for o in order))
+
+    return view
+
+
+# slicing orders of the three orthogonal planes: xy tiles (y, x) per z; xz tiles (z, x) per y; yz tiles (z, y) per x
+ORTHO_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
+XY_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2),)
+
+
+def plane_orders(mode: str) -> tuple[tuple[int, int, int], ...]:
+    """xy: one plane; orthoplane: xy, xz and yz (for isotropic data), averaged."""
+    if mode not in ("xy", "orthoplane"):
+        raise ValueError(f"mode must be xy or orthoplane, got {mode!r}")
+    return XY_ORDERS if mode == "xy" else ORTHO_ORDERS
+
+
+def predict_boxes(
+    batcher: TileBatcher,
+    jobs: list[tuple[Reader, tuple[slice, slice, slice]]],
+    volume_shape: tuple[int, int, int],
+    grid: TileGrid,
+    normalize: Normalizer,
+    mode: str = "xy",
+) -> Iterator[np.ndarray]:
+    """Class probabilities (K, z, y, x) float32 of each (reader, core box), in order, tiles packed across boxes.
+
+    Each plane is tiled on its own global grid through a permuted view, mirrored at volume bounds only, so a
+    voxel's value does not depend on the box it was predicted in. Boxes are yielded as soon as their tiles ran.
+    """
+    orders = plane_orders(mode)
+    waiting: list[tuple[list[int], list[PlaneTiles]]] = []
+
+    def finished() -> Iterator[np.ndarray]:
+        while waiting and all(batcher.done(r) for r in waiting[0][0]):
+            rids, planes = waiting.pop(0)
+            total = None
+            for rid, plane, order in zip(rids, planes, orders):
+                probs = assemble_xy(plane, batcher.result(rid))
+                if order != (0, 1, 2):
+                    inv = tuple(int(i) for i in np.argsort(order))
+                    probs = probs.transpose(0, *(1 + i for i in inv))
+                total = np.ascontiguousarray(probs) if total is None else total + probs
+            yield total if len(orders) == 1 else total / np.float32(len(orders))
+
+    for read, box in jobs:
+        rids, planes = [], []
+        for order in orders:
+            pbox = tuple(box[i] for i in order)
+            pshape = tuple(volume_shape[i] for i in order)
+            plane = xy_tiles(read if order == (0, 1, 2) else permuted_reader(read, order), pbox, pshape, grid, normalize)
+            planes.append(plane)
+            rids.append(batcher.submit(plane.tiles))
+            plane.tiles = None  # type: ignore[assignment]  # queued in the batcher; free it there once run
+        waiting.append((rids, planes))
+        yield from finished()
+    batcher.flush()
+    yield from finished()
 
 
 def predict_block_xy(
@@ -117,33 +300,8 @@ def predict_block_xy(
     `read` gives raw input inside the volume; context beyond `box` is read through it, mirrored at the volume
     bounds, so the result is independent of how boxes are chosen.
     """
-    device = torch.device(device)
-    zs, ys, xs = box
-    y0, y1 = grid.window(ys.start, ys.stop)
-    x0, x1 = grid.window(xs.start, xs.stop)
-    window = normalize(read_mirrored(read, zs, (y0, y1), (x0, x1), volume_shape[1:]))  # (C, z, Y, X)
-    c, nz = window.shape[0], window.shape[1]
-    ky, kx = grid.tile_range(ys.start, ys.stop), grid.tile_range(xs.start, xs.stop)
-    t, m, s = grid.tile, grid.margin, grid.core
-    tiles = np.empty((nz * len(ky) * len(kx), c, t, t), np.float32)
-    i = 0
-    for z in range(nz):
-        for a in range(len(ky)):
-            for b in range(len(kx)):
-                tiles[i] = window[:, z, a * s : a * s + t, b * s : b * s + t]
-                i += 1
-    probs = _run_batches(model, tiles, batch_size, device, amp_dtype)
-    k = probs.shape[1]
-    # assemble cores on the tile grid, then crop to the box
-    core_y0, core_x0 = ky.start * s, kx.start * s
-    canvas = np.empty((k, nz, len(ky) * s, len(kx) * s), np.float32)
-    i = 0
-    for z in range(nz):
-        for a in range(len(ky)):
-            for b in range(len(kx)):
-                canvas[:, z, a * s : (a + 1) * s, b * s : (b + 1) * s] = probs[i][:, m : m + s, m : m + s]
-                i += 1
-    return canvas[:, :, ys.start - core_y0 : ys.stop - core_y0, xs.start - core_x0 : xs.stop - core_x0]
+    batcher = TileBatcher(model, batch_size, grid.margin, device, amp_dtype)
+    return next(iter(predict_boxes(batcher, [(read, box)], volume_shape, grid, normalize, "xy")))
 
 
 def numpy_reader(volume: np.ndarray) -> Reader:
@@ -165,21 +323,6 @@ def read_span(grid: TileGrid, lo: int, hi: int, size: int) -> tuple[int, int]:
     return int(idx.min()), int(idx.max()) + 1
 
 
-def permuted_reader(read: Reader, order: tuple[int, int, int]) -> Reader:
-    """A Reader over the volume with spatial axes permuted: axis i of the view is axis order[i] of `read`."""
-    inv = tuple(int(i) for i in np.argsort(order))
-
-    def view(*slices: slice) -> np.ndarray:
-        data = read(*(slices[inv[j]] for j in range(3)))
-        return data.transpose(0, *(1 + o for o in order))
-
-    return view
-
-
-# slicing orders of the three orthogonal planes: xy tiles (y, x) per z; xz tiles (z, x) per y; yz tiles (z, y) per x
-ORTHO_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
-
-
 def predict_block_orthoplane(
     model: torch.nn.Module,
     read: Reader,
@@ -187,22 +330,14 @@ def predict_block_orthoplane(
     volume_shape: tuple[int, int, int],
     grid: TileGrid,
     normalize: Normalizer,
-    **kw,
+    *,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Mean of xy, xz and yz predictions (K, z, y, x) for the core `box` (for isotropic data).
-
-    Each plane is `predict_block_xy` on a permuted view of the volume, so each is anchored to its own global
-    grid and mirrored at volume bounds only: the result is as decomposition independent as the xy one.
-    """
-    total = None
-    for order in ORTHO_ORDERS:
-        inv = tuple(int(i) for i in np.argsort(order))
-        pbox = tuple(box[i] for i in order)
-        pshape = tuple(volume_shape[i] for i in order)
-        probs = predict_block_xy(model, permuted_reader(read, order), pbox, pshape, grid, normalize, **kw)
-        probs = np.ascontiguousarray(probs.transpose(0, *(1 + i for i in inv)))
-        total = probs if total is None else total + probs
-    return total / np.float32(len(ORTHO_ORDERS))
+    """Mean of xy, xz and yz predictions (K, z, y, x) for the core `box` (for isotropic data)."""
+    batcher = TileBatcher(model, batch_size, grid.margin, device, amp_dtype)
+    return next(iter(predict_boxes(batcher, [(read, box)], volume_shape, grid, normalize, "orthoplane")))
 
 
 def predict_volume_orthoplane(model, volume: np.ndarray, grid: TileGrid, normalize: Normalizer, **kw) -> np.ndarray:
