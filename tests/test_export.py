@@ -207,3 +207,64 @@ def test_export_cli_arguments() -> None:
     assert cfg.voxel_size == (4.0, 4.0, 40.0) and cfg.mesh_reduction == 20 and cfg.layer_type == "segmentation"
     with pytest.raises(UserError, match="unknown config key"):
         load_export_config(build_parser().parse_args(["export", "a", "b", "meshh=1"]))
+
+
+def _layer_files(root: Path) -> dict[str, bytes]:
+    """Every file of a layer but its ledgers (what a viewer reads), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".vemscale-ledger" not in p.parts}
+
+
+def _step_done(layer: Path, step: str) -> int:
+    from vemscale.blocks.ledger import Ledger, ledger_url
+
+    meta = layer / ".vemscale-ledger" / step / "ledger.json"
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return 0
+    return Ledger(ledger_url(str(layer), step), info["fingerprint"], info["generation"]).count_done(10**6)
+
+
+def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, tmp_path: Path) -> None:
+    """SIGKILL a whole `vemscale export` (driver, its Ray, its workers) in the middle of scale 0, rerun: only the
+    blocks not in the ledger are recomputed, and every file equals a clean export's."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from test_infer import kill_session
+
+    args = {"layer_type": "segmentation", "pyramid": True, "max_scales": 2, "mesh": True, "mesh_scale": 0,
+            "mesh_reduction": 0, "sharded": False, "task_voxels": 4 * 64 * 64, "blocks_per_batch": 1,
+            "max_in_flight": 1}
+    clean = _export(source=crops["objects_url"], dest=str(tmp_path / "clean"), **args)
+    blocks = clean["blocks"]["scale0"]["blocks"]
+    assert blocks >= 30
+    dest = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vemscale.cli", "export", crops["objects_url"], str(dest),
+           f"run_dir={tmp_path}/killed_run", "chunk=4,64,64", "shard_voxels=65536",
+           *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while _step_done(dest, "scale0") < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no block finished in time"
+            time.sleep(0.01)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    done = _step_done(dest, "scale0")
+    assert 3 <= done < blocks, "the kill should land inside scale 0"
+    resumed = _export(source=crops["objects_url"], dest=str(dest), **args)
+    b = resumed["blocks"]
+    assert (b["scale0"]["computed"], b["scale0"]["skipped"]) == (blocks - done, done)
+    assert b["scale1"]["skipped"] == 0 and b["meshes"]["skipped"] == 0  # never started before the kill
+    assert _layer_files(dest) == _layer_files(tmp_path / "clean")
+    again = _export(source=crops["objects_url"], dest=str(dest), **args)  # a finished export recomputes nothing
+    assert all(step["computed"] == 0 for step in again["blocks"].values())

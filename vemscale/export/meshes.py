@@ -1,4 +1,4 @@
-"""Legacy Neuroglancer meshes for a precomputed segmentation layer, meshed blockwise as Ray tasks.
+"""Legacy Neuroglancer meshes for a precomputed segmentation layer, meshed blockwise by the block runner.
 
 Layout (what Neuroglancer and cloud-volume read)::
 
@@ -7,8 +7,9 @@ Layout (what Neuroglancer and cloud-volume read)::
     <layer>/mesh/<id>:0          manifest {"fragments": ["<id>:0:<x0>-<x1>_<y0>-<y1>_<z0>-<z1>", ...]}
     <layer>/mesh/<id>:0:<box>    one fragment per block the label occurs in (vertices in nm)
 
-Each task meshes one box of a scale (a whole number of its write chunks) plus one voxel on the high
-sides, writes its fragments and returns their names per label; the driver writes the manifests. One mesh
+Each block meshes one box of a scale (a whole number of its chunks) plus one voxel on the high sides,
+writes its fragments and leaves their names per label as its ledger payload; the driver writes the
+manifests from all payloads (so a resumed run lists the fragments of the blocks it skipped too). One mesh
 per label value: per class for class labels, per object for instance labels.
 """
 
@@ -17,16 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
-import ray
 import tensorstore as ts
 
+from vemscale.blocks.grid import BlockGrid, Box
+from vemscale.blocks.ledger import Ledger, ledger_url
 from vemscale.errors import UserError
-from vemscale.export.grid import BoxGrid, box_to_list, list_to_box
 from vemscale.export.precomputed import layer_kvstore, open_scale, read_info, update_info, view_spec, \
     read_chunk_shape
-from vemscale.export.tasks import open_spec, run_tasks
+from vemscale.export.steps import box_list, open_spec, payloads, run_step
 
 __all__ = ["MESH_DIR", "write_meshes", "auto_mesh_scale", "mesh_ids", "fragment_name"]
 
@@ -40,26 +42,24 @@ def fragment_name(label: int, box_zyx: list[list[int]]) -> str:
     return f"{label}:0:{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
 
 
-@ray.remote(num_cpus=1)
-def _mesh_task(seg_spec: dict[str, Any], mesh_kv: str, box: list[list[int]], voxel_size_xyz: list[float],
-               reduction_factor: int, max_error_nm: float | None) -> dict[int, str]:
-    """Mesh one box (+1 voxel on high sides) and write its fragments; returns {label: fragment name}."""
+def mesh_block_task(box: Box, seg_spec: dict[str, Any], mesh_kv: str, voxel_size_xyz: list[float],
+                    reduction_factor: int, max_error_nm: float | None, run: str) -> bytes:
+    """Mesh one box (+1 voxel on high sides) and write its fragments; payload: JSON {label: fragment name}."""
     from vemscale.post.mesh import mesh_block
 
-    seg = open_spec(seg_spec)
-    core = list_to_box(box)
+    seg = open_spec(seg_spec, run=run)
     shape = seg.shape
-    read = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(core, shape))
+    read = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(box, shape))
     labels_zyx = seg[read].read().result()
     meshes = mesh_block(labels_zyx.T, voxel_size_xyz, [s.start for s in read][::-1],
                         pad_low=[s.start == 0 for s in read][::-1], pad_high=[s.stop == n for s, n in zip(read, shape)][::-1],
                         reduction_factor=reduction_factor, max_error_nm=max_error_nm)
     kv = ts.KvStore.open(mesh_kv).result()
-    names = {label: fragment_name(label, box) for label in meshes}
-    futures = [kv.write(names[label], data) for label, data in meshes.items()]
+    names = {int(label): fragment_name(label, box_list(box)) for label in meshes}
+    futures = [kv.write(names[int(label)], data) for label, data in meshes.items()]
     for f in futures:
         f.result()
-    return names
+    return json.dumps(names).encode()
 
 
 def auto_mesh_scale(info: dict[str, Any]) -> int:
@@ -73,7 +73,8 @@ def auto_mesh_scale(info: dict[str, Any]) -> int:
 
 
 def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: int = 10, max_error_nm: float | None = None,
-                 target_voxels: int = 2**22, max_in_flight: int | None = None) -> dict[str, Any]:
+                 target_voxels: int = 2**22, max_in_flight: int | None = None,
+                 source_generation: str | None = None, blocks_per_batch: int | None = None) -> dict[str, Any]:
     """Mesh every label of the segmentation layer at `url` (from scale `scale_index`, "auto": see
     `auto_mesh_scale`) into `<url>/mesh`.
 
@@ -91,22 +92,26 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
     if max_error_nm is None:
         max_error_nm = min(voxel[:2])
     seg = open_scale(url, scale_index)
-    grid = BoxGrid.aligned(seg.shape, read_chunk_shape(seg), target_voxels)  # read-only: any chunk multiple
+    grid = BlockGrid.aligned(seg.shape, read_chunk_shape(seg), target_voxels)  # read-only: any chunk multiple
     mesh_kv = layer_kvstore(url) + MESH_DIR + "/"
     kv = ts.KvStore.open(mesh_kv).result()
-    kv.delete_range(ts.KvStore.KeyRange()).result()  # a rerun must not keep fragments of labels now gone
     ensure_ray()
     t0 = time.perf_counter()
-    fragments: dict[int, list[str]] = {}
-
-    def fold(names: dict[int, str]) -> None:
-        for label, name in names.items():
-            fragments.setdefault(int(label), []).append(name)
-
     spec = view_spec(seg)
-    n = run_tasks(lambda i: _mesh_task.remote(spec, mesh_kv, box_to_list(grid.box(i)), voxel, reduction_factor,
-                                              max_error_nm),
-                  range(grid.num_boxes), fold, max_in_flight=max_in_flight, desc="meshes")
+    desc = {"step": "meshes", "version": 1, "parent": source_generation or "external", "scale": scale_index,
+            "source": spec, "reduction_factor": reduction_factor, "max_error_nm": max_error_nm}
+    kwargs = {"seg_spec": spec, "mesh_kv": mesh_kv, "voxel_size_xyz": voxel, "reduction_factor": reduction_factor,
+              "max_error_nm": max_error_nm, "run": uuid.uuid4().hex}
+    ledger = Ledger.open(ledger_url(url, "meshes"), {**desc, "grid": grid.to_dict()})
+    if ledger.fresh:  # a new mesh run must not keep fragments of labels now gone; a resumed one keeps its own
+        kv.delete_range(ts.KvStore.KeyRange()).result()
+    ledger, summary = run_step(url, "meshes", desc, grid, mesh_block_task, kwargs, bytes_per_voxel=64.0,
+                               max_in_flight=max_in_flight, blocks_per_batch=blocks_per_batch)
+    fragments: dict[int, list[str]] = {}
+    for p in payloads(ledger, grid.num_blocks):
+        for label, name in json.loads(p).items():
+            fragments.setdefault(int(label), []).append(name)
+    n = grid.num_blocks
     futures = [kv.write(f"{label}:0", json.dumps({"fragments": sorted(names)}).encode())
                for label, names in fragments.items()]
     futures.append(kv.write("info", json.dumps({"@type": "neuroglancer_legacy_mesh"}).encode()))
@@ -114,10 +119,11 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
         f.result()
     update_info(url, mesh=MESH_DIR)
     seconds = time.perf_counter() - t0
-    log.info("meshes: %d labels, %d fragments from %d tasks in %.1f s", len(fragments),
+    log.info("meshes: %d labels, %d fragments from %d blocks in %.1f s", len(fragments),
              sum(map(len, fragments.values())), n, seconds)
-    return {"labels": len(fragments), "fragments": int(sum(map(len, fragments.values()))), "tasks": n,
-            "scale": scale_index, "seconds": round(seconds, 3)}
+    return {"labels": len(fragments), "fragments": int(sum(map(len, fragments.values()))), "blocks": n,
+            "computed": summary["computed"], "skipped": summary["skipped"], "scale": scale_index,
+            "seconds": round(seconds, 3)}
 
 
 def mesh_ids(url: str) -> list[int]:

@@ -3,24 +3,24 @@
 Written as `<layer>/segment_properties/info` (`"@type": "neuroglancer_segment_properties"`, inline ids and
 properties) and referenced from the layer's info as `"segment_properties"`, so Neuroglancer lists the
 segments by name and shows their volumes. Counts come from the export's scale-0 pass or, for a layer
-written elsewhere (e.g. by `vemscale infer`), from a blockwise counting pass on Ray.
+written elsewhere (e.g. by `vemscale infer`), from a blockwise counting pass (the block runner).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any, Mapping, Sequence
 
-import ray
 import tensorstore as ts
 
+from vemscale.blocks.grid import BlockGrid, Box
 from vemscale.errors import UserError
-from vemscale.export.grid import BoxGrid, box_to_list, list_to_box
 from vemscale.export.precomputed import layer_kvstore, open_scale, read_info, update_info, view_spec, \
     read_chunk_shape
-from vemscale.export.tasks import open_spec, run_tasks
-from vemscale.post.stats import label_counts, merge_counts, volumes_um3
+from vemscale.export.steps import open_spec, payloads, run_step
+from vemscale.post.stats import decode_counts, encode_counts, label_counts, merge_counts, volumes_um3
 
 __all__ = ["PROPERTIES_DIR", "segment_properties", "write_segment_properties", "count_labels"]
 
@@ -51,22 +51,25 @@ def segment_properties(counts: Mapping[int, int], voxel_size_xyz: Sequence[float
     }
 
 
-@ray.remote(num_cpus=1)
-def _count_task(spec: dict[str, Any], box: list[list[int]]) -> dict[int, int]:
-    return label_counts(open_spec(spec)[list_to_box(box)].read().result())
+def count_block(box: Box, spec: dict[str, Any], run: str) -> bytes:
+    """Voxels per non-zero label of one box, as a payload."""
+    return encode_counts(label_counts(open_spec(spec, run=run)[tuple(box)].read().result()))
 
 
 def count_labels(url: str, target_voxels: int = 2**24, max_in_flight: int | None = None) -> dict[int, int]:
-    """Voxels per non-zero label of scale 0 of a segmentation layer, counted blockwise on Ray."""
+    """Voxels per non-zero label of scale 0 of a segmentation layer, counted blockwise (resumable)."""
     from vemscale.raycluster import ensure_ray
 
     seg = open_scale(url, 0)
-    grid = BoxGrid.aligned(seg.shape, read_chunk_shape(seg), target_voxels)  # read-only: any chunk multiple
+    grid = BlockGrid.aligned(seg.shape, read_chunk_shape(seg), target_voxels)  # read-only: any chunk multiple
     ensure_ray()
-    total: dict[int, int] = {}
     spec = view_spec(seg)
-    run_tasks(lambda i: _count_task.remote(spec, box_to_list(grid.box(i))), range(grid.num_boxes),
-              lambda c: merge_counts(total, c), max_in_flight=max_in_flight, desc="count labels")
+    ledger, _ = run_step(url, "counts", {"step": "counts", "version": 1, "source": spec,
+                                         "info": read_info(url)["scales"][0]}, grid, count_block,
+                         {"spec": spec, "run": uuid.uuid4().hex}, bytes_per_voxel=8.0, max_in_flight=max_in_flight)
+    total: dict[int, int] = {}
+    for p in payloads(ledger, grid.num_blocks):
+        merge_counts(total, decode_counts(p))
     return total
 
 

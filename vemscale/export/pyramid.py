@@ -1,4 +1,4 @@
-"""Multiscale pyramids for precomputed layers, computed blockwise as Ray tasks.
+"""Multiscale pyramids for precomputed layers, computed blockwise by the block runner (resumable per scale).
 
 Scale s+1 is made from scale s only: each task reads the source box of one target box (a whole number of
 the target's write chunks), downsamples it with `ts.downsample` (mean for images, mode for labels: the
@@ -12,17 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from typing import Any, Sequence
 
-import numpy as np
-import ray
 import tensorstore as ts
 
+from vemscale.blocks.grid import BlockGrid, Box
 from vemscale.errors import UserError
-from vemscale.export.grid import BoxGrid, box_to_list, list_to_box
 from vemscale.export.precomputed import DEFAULT_SHARD_VOXELS, add_scale, open_scale, read_info, view_spec, \
     write_chunk_aligned_block, write_chunk_shape
-from vemscale.export.tasks import open_spec, run_tasks
+from vemscale.export.steps import open_spec, run_step
 
 __all__ = ["plan_factors", "downsample_method", "build_pyramid"]
 
@@ -51,24 +50,24 @@ def downsample_method(layer_type: str) -> str:
     return "mode" if layer_type == "segmentation" else "mean"
 
 
-@ray.remote(num_cpus=1)
-def _downsample_task(src_spec: dict[str, Any], dst_spec: dict[str, Any], factors_zyx: Sequence[int],
-                     box: list[list[int]], method: str) -> int:
-    """Read the source of one target box of scale s+1, downsample it, write it; returns voxels written."""
-    src, dst = open_spec(src_spec), open_spec(dst_spec, write=True)
+def downsample_block(box: Box, src_spec: dict[str, Any], dst_spec: dict[str, Any], factors_zyx: Sequence[int],
+                     method: str, run: str) -> None:
+    """Read the source of one target box of scale s+1, downsample it, write it."""
+    src, dst = open_spec(src_spec, run=run), open_spec(dst_spec, write=True, run=run)
     lead = (1,) * (src.rank - 3)
-    full = (slice(None),) * (dst.rank - 3) + list_to_box(box)
+    full = (slice(None),) * (dst.rank - 3) + tuple(box)
     data = ts.downsample(src, [*lead, *factors_zyx], method=method)[full].read().result()
     write_chunk_aligned_block(dst, full, data)
-    return int(np.prod(data.shape[-3:]))
 
 
 def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 2**24, sharded: bool | None = None,
-                  shard_voxels: int = DEFAULT_SHARD_VOXELS, max_in_flight: int | None = None) -> list[dict[str, Any]]:
+                  shard_voxels: int = DEFAULT_SHARD_VOXELS, max_in_flight: int | None = None,
+                  source_generation: str | None = None, blocks_per_batch: int | None = None) -> list[dict[str, Any]]:
     """Add scales 1.. to the precomputed layer at `url` from its scale 0; returns per-scale size, resolution, time.
 
     `sharded=None` shards a new scale when scale 0 is sharded. Existing scales with the planned resolution
-    are reused (and rewritten), so a rerun repairs an interrupted pyramid.
+    are reused, and each scale's ledger resumes an interrupted pyramid; `source_generation` (scale 0's ledger
+    generation) makes a rewritten scale 0 rebuild every level.
     """
     from vemscale.raycluster import ensure_ray
 
@@ -89,16 +88,26 @@ def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 
     ensure_ray()
     src = open_scale(url, 0)
     out: list[dict[str, Any]] = []
+    parent = source_generation or "external"
+    run = uuid.uuid4().hex
     for index, dst, f in plans:
         t0 = time.perf_counter()
-        grid = BoxGrid.aligned(dst.shape[-3:], write_chunk_shape(dst)[-3:], max(1, target_voxels // math.prod(f)))
+        grid = BlockGrid.aligned(dst.shape[-3:], write_chunk_shape(dst)[-3:], max(1, target_voxels // math.prod(f)))
         src_spec, dst_spec = view_spec(src), view_spec(dst)
-        n = run_tasks(lambda i: _downsample_task.remote(src_spec, dst_spec, f, box_to_list(grid.box(i)), method),
-                      range(grid.num_boxes), max_in_flight=max_in_flight, desc=f"pyramid scale {index}")
+        desc = {"step": f"scale{index}", "version": 1, "parent": parent, "factors_zyx": list(f), "method": method,
+                "dest": dst_spec}
+        ledger, summary = run_step(url, f"scale{index}", desc, grid, downsample_block,
+                                   {"src_spec": src_spec, "dst_spec": dst_spec, "factors_zyx": list(f),
+                                    "method": method, "run": run},
+                                   bytes_per_voxel=4.0 * math.prod(f), max_in_flight=max_in_flight,
+                                   blocks_per_batch=blocks_per_batch)
+        parent = ledger.generation
         seconds = time.perf_counter() - t0
         out.append({"scale": index, "factors_zyx": list(f), "shape_zyx": list(dst.shape[-3:]),
-                    "resolution_xyz": read_info(url)["scales"][index]["resolution"], "tasks": n,
-                    "seconds": round(seconds, 3)})
-        log.info("pyramid scale %d %s: %d tasks, %.1f s", index, tuple(dst.shape[-3:]), n, seconds)
+                    "resolution_xyz": read_info(url)["scales"][index]["resolution"], "blocks": grid.num_blocks,
+                    "computed": summary["computed"], "skipped": summary["skipped"], "seconds": round(seconds, 3),
+                    "generation": ledger.generation})
+        log.info("pyramid scale %d %s: %d blocks (%d computed), %.1f s", index, tuple(dst.shape[-3:]),
+                 grid.num_blocks, summary["computed"], seconds)
         src = dst
     return out

@@ -1,8 +1,9 @@
 """`vemscale export SRC DST`: any volume `open_volume` reads -> a Neuroglancer precomputed layer, blockwise on Ray.
 
 Order of work: every check a user can fail (source, layer type, dtype, encoding, existing output) raises a
-UserError before Ray starts; then scale 0 is copied in write-chunk-aligned boxes (one Ray task per box,
-counting labels on the way), then segment properties, the pyramid and the meshes, as asked.
+UserError before Ray starts; then scale 0 is copied in write-chunk-aligned blocks (counting labels on the
+way), then segment properties, the pyramid and the meshes, as asked. Every step runs on the block runner with
+a ledger inside the layer: rerunning a killed export recomputes only the blocks that were not finished.
 
     vemscale export vol.zarr precomputed://file:///data/em --pyramid
     vemscale export labels.tif /data/seg --layer-type segmentation --voxel-size 4.6,4.6,50 --pyramid --mesh
@@ -53,7 +54,8 @@ class ExportConfig(StageConfig):
     properties: bool = True  # segment properties (labels, volume in um^3) for segmentation layers
     shard_voxels: int = Field(2**25, ge=1)  # voxels per shard of a sharded layer (rounded to 2^k chunks)
     task_voxels: int = Field(2**24, ge=1)  # voxels per Ray task (rounded to whole write chunks)
-    max_in_flight: int | None = Field(None, ge=1)  # tasks submitted at once; default 2 x cluster CPUs
+    max_in_flight: int | None = Field(None, ge=1)  # tasks at once per step; default: as many as the cluster's CPUs
+    blocks_per_batch: int | None = Field(None, ge=1)  # block ids per Ray Data block; default ~64 MiB, >= 4 per CPU
     overwrite: bool = False
 
     @field_validator("classes", mode="before")
@@ -86,12 +88,15 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     ensure_ray()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    counts = copy_scale0(vol, store, cfg.task_voxels, seg, cfg.max_in_flight)
+    counts, scale0 = copy_scale0(vol, store, cfg.task_voxels, seg, cfg.max_in_flight, url=url,
+                                 describe={"voxel_size": list(plan["voxel"]), "encoding": plan["encoding"]},
+                                 blocks_per_batch=cfg.blocks_per_batch)
     timings["scale0_s"] = time.perf_counter() - t0
     result: dict[str, Any] = {"layer": url, "type": plan["layer_type"], "dtype": plan["dtype"].name,
                               "shape_zyx": list(vol.shape[-3:]), "channels": plan["channels"],
                               "voxel_size_xyz": list(plan["voxel"]), "encoding": plan["encoding"],
-                              "sharded": plan["sharded"], "write_chunk_zyx": list(write_chunk_shape(store)[-3:])}
+                              "sharded": plan["sharded"], "write_chunk_zyx": list(write_chunk_shape(store)[-3:]),
+                              "blocks": {"scale0": {k: scale0[k] for k in ("blocks", "computed", "skipped")}}}
     if seg and cfg.properties:
         t0 = time.perf_counter()
         props = write_segment_properties(url, cfg.classes, counts)
@@ -100,12 +105,25 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     if cfg.pyramid:
         t0 = time.perf_counter()
         result["scales"] = build_pyramid(url, cfg.max_scales, cfg.task_voxels, shard_voxels=cfg.shard_voxels,
-                                         max_in_flight=cfg.max_in_flight)
+                                         max_in_flight=cfg.max_in_flight, source_generation=scale0["generation"],
+                                         blocks_per_batch=cfg.blocks_per_batch)
+        for level in result["scales"]:
+            result["blocks"][f"scale{level['scale']}"] = {k: level[k] for k in ("blocks", "computed", "skipped")}
         timings["pyramid_s"] = time.perf_counter() - t0
     if cfg.mesh:
         t0 = time.perf_counter()
-        result["meshes"] = write_meshes(url, cfg.mesh_scale, cfg.mesh_reduction, cfg.mesh_max_error_nm,
-                                        min(cfg.task_voxels, 2**22), cfg.max_in_flight)
+        scale_gens = {0: scale0["generation"], **{lv["scale"]: lv["generation"] for lv in result.get("scales", [])}}
+        mesh_scale = cfg.mesh_scale
+        if mesh_scale == "auto":
+            from vemscale.export.meshes import auto_mesh_scale
+            from vemscale.export.precomputed import read_info
+
+            mesh_scale = auto_mesh_scale(read_info(url))
+        result["meshes"] = write_meshes(url, mesh_scale, cfg.mesh_reduction, cfg.mesh_max_error_nm,
+                                        min(cfg.task_voxels, 2**22), cfg.max_in_flight,
+                                        source_generation=scale_gens.get(int(mesh_scale)),
+                                        blocks_per_batch=cfg.blocks_per_batch)
+        result["blocks"]["meshes"] = {k: result["meshes"][k] for k in ("blocks", "computed", "skipped")}
         timings["mesh_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = {k: round(v, 3) for k, v in timings.items()}

@@ -1,20 +1,20 @@
-"""Scale 0 of an export: decide the layer from the source volume, then copy it in write-chunk-aligned Ray tasks."""
+"""Scale 0 of an export: decide the layer from the source volume, then copy it in write-chunk-aligned blocks."""
 
 from __future__ import annotations
 
 import logging
 import math
+import uuid
 from typing import Any
 
 import numpy as np
-import ray
 
+from vemscale.blocks.grid import BlockGrid, Box
 from vemscale.config import absolute_url
 from vemscale.errors import UserError
-from vemscale.export.grid import BoxGrid, box_to_list, list_to_box
 from vemscale.export.precomputed import default_encoding, layer_kvstore, precomputed_dtype, view_spec, \
     write_chunk_aligned_block, write_chunk_shape
-from vemscale.export.tasks import open_spec, run_tasks
+from vemscale.export.steps import open_spec, payloads, run_step
 
 __all__ = ["dest_url", "plan_layer", "copy_scale0"]
 
@@ -68,30 +68,40 @@ def plan_layer(cfg: Any, shard_above_chunks: int = 4096) -> dict[str, Any]:
             "encoding": encoding, "sharded": sharded, "attrs": attrs, "url": dest_url(cfg.dest)}
 
 
-@ray.remote(num_cpus=1)
-def _copy_task(volume: Any, dst_spec: dict[str, Any], box: list[list[int]], count: bool) -> dict[int, int] | int:
-    """Copy one write-chunk-aligned box of scale 0; returns label counts (segmentation) or voxels written."""
-    from vemscale.post.stats import label_counts
+def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run: str) -> bytes | None:
+    """Copy one write-chunk-aligned box of scale 0; returns its label counts (segmentation) as a payload."""
+    from vemscale.post.stats import encode_counts, label_counts
 
-    dst = open_spec(dst_spec, write=True)
-    zyx = list_to_box(box)
-    data = volume.read(((slice(None),) if volume.ndim == 4 else ()) + zyx)
+    dst = open_spec(dst_spec, write=True, run=run)
+    data = volume.read(((slice(None),) if volume.ndim == 4 else ()) + tuple(box))
     if data.ndim == 4 and dst.rank == 3:  # one channel: the layer view has no channel axis
         data = data[0]
     dtype = dst.dtype.numpy_dtype
     if data.dtype.kind == "f" and dtype.kind != "f":
         raise ValueError(f"float data into {dtype}")
-    write_chunk_aligned_block(dst, zyx, data.astype(dtype, copy=False))
-    return label_counts(data) if count else int(np.prod(data.shape[-3:]))
+    write_chunk_aligned_block(dst, box, data.astype(dtype, copy=False))
+    return encode_counts(label_counts(data)) if count else None
 
 
-def copy_scale0(volume: Any, store: Any, task_voxels: int, count: bool, max_in_flight: int | None) -> dict[int, int]:
-    """Copy `volume` into the scale-0 view `store` blockwise on Ray; returns label counts when `count`."""
-    from vemscale.post.stats import merge_counts
+def copy_scale0(volume: Any, store: Any, task_voxels: int, count: bool, max_in_flight: int | None,
+                url: str = "", describe: dict[str, Any] | None = None,
+                blocks_per_batch: int | None = None) -> tuple[dict[int, int], dict[str, Any]]:
+    """Copy `volume` into the scale-0 view `store` blockwise (resumable through the layer's ledger).
 
-    grid = BoxGrid.aligned(store.shape[-3:], write_chunk_shape(store)[-3:], task_voxels)
-    ref, spec = ray.put(volume), view_spec(store)
+    Returns the label counts of all blocks (when `count`) and the step's run summary."""
+    from vemscale.post.stats import decode_counts, merge_counts
+
+    grid = BlockGrid.aligned(store.shape[-3:], write_chunk_shape(store)[-3:], task_voxels)
+    spec = view_spec(store)
+    desc = {"step": "scale0", "version": 1, "source": volume.url, "scale": volume.scale, "shape": list(volume.shape),
+            "dtype": str(volume.dtype), "dest": spec, **(describe or {})}
+    ledger, summary = run_step(url, "scale0", desc, grid, copy_block,
+                               {"volume": volume, "dst_spec": spec, "count": count, "run": uuid.uuid4().hex},
+                               bytes_per_voxel=2 * volume.dtype.itemsize * (volume.shape[0] if volume.ndim == 4 else 1),
+                               max_in_flight=max_in_flight, blocks_per_batch=blocks_per_batch)
     counts: dict[int, int] = {}
-    run_tasks(lambda i: _copy_task.remote(ref, spec, box_to_list(grid.box(i)), count), range(grid.num_boxes),
-              (lambda c: merge_counts(counts, c)) if count else None, max_in_flight=max_in_flight, desc="scale 0")
-    return counts
+    if count:
+        for p in payloads(ledger, grid.num_blocks):
+            merge_counts(counts, decode_counts(p))
+    summary["generation"] = ledger.generation
+    return counts, summary
