@@ -1,12 +1,12 @@
 """Stage `evaluate`: score a prediction against ground truth blockwise (IoU, F1, precision, recall, MFD).
 
-The evaluated region (the whole volume, or the slices in `z_range`) is cut into blocks of `block_shape`.
-One dask task per block reads the prediction and truth of its block (plus a halo for surface distances)
-straight from storage and returns a small vector of sums: the K x K confusion matrix and, per foreground
-class, the surface-distance sums of `metrics.distance_sums`. dask adds the vectors up in a tree, so the
-driver holds O(classes^2) numbers, and a worker O(block + halo) voxels. With Ray initialised
-(`ray.is_initialized()`) the graph runs on the cluster through `ray.util.dask.ray_dask_get`; otherwise on
-dask's threaded scheduler.
+The evaluated region (the whole volume, or the slices in `z_range`) is cut into blocks of `block_shape`
+(a `BlockGrid` over the region). Each block reads the prediction and truth of its box (plus a halo for
+surface distances) straight from storage and returns a small vector of sums: the K x K confusion matrix
+and, per foreground class, the surface-distance sums of `metrics.distance_sums`. The block runner runs
+them (in this process for small plans, else on Ray) and the driver adds the vectors in block order, so it
+holds O(classes^2) numbers and a worker O(block + halo) voxels. With `run_dir`, each block's vector is kept
+in a ledger there: an interrupted evaluation resumes and recomputes only the missing blocks.
 
 Surface distances are capped at `mfd_halo_nm` in every decomposition, and each block reads a halo of at
 least that many nanometres on every side. Any surface voxel within the cap of a core voxel therefore lies
@@ -22,15 +22,15 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from vemscale.blocks.grid import BlockGrid
+from vemscale.blocks.ledger import LEDGER_DIR
 from vemscale.errors import UserError
 from vemscale.eval import metrics
 from vemscale.io.volume import Volume, open_volume, parse_voxel_size
@@ -66,14 +66,21 @@ def parse_z_range(z_range: Any, nz: int) -> tuple[int, int] | None:
     return start, stop
 
 
-def _scheduler() -> Any:
-    """Ray's dask scheduler when a Ray runtime is up in this process, else dask's threads."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        from ray.util.dask import ray_dask_get
+LOCAL_MAX_BLOCKS = 16  # plans up to this size run in this process; larger ones on Ray (started if needed)
 
-        return ray_dask_get
-    return "threads"
+
+def _executor(num_blocks: int) -> str:
+    """Ray when a Ray runtime is up in this process or the plan is large, else in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return "ray"
+    if num_blocks <= LOCAL_MAX_BLOCKS:
+        return "local"
+    from vemscale.raycluster import ensure_ray
+
+    ensure_ray()
+    return "ray"
 
 
 def _spatial(vol: Volume) -> tuple[int, int, int]:
@@ -105,12 +112,11 @@ class _Labels:
 
 @dataclass
 class _BlockJob:
-    """Computes the sums vector of one block; picklable, so it runs on dask threads or Ray workers."""
+    """Computes the sums vector of one block; picklable, so it runs in this process or on Ray workers."""
 
     pred: _Labels
     truth: _Labels
-    region: tuple[tuple[int, int], ...]  # (start, stop) per z,y,x
-    block_shape: tuple[int, int, int]
+    grid: BlockGrid  # blocks over the evaluated region (the grid's ROI)
     num_classes: int
     sampling: tuple[float, float, float] | None  # z,y,x nm; None: no MFD
     cap_nm: float | None
@@ -122,24 +128,11 @@ class _BlockJob:
         k = self.num_classes
         return k * k + 4 * (k - 1) + 2
 
-    def boxes(self, index: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-        """(core box, outer box) in volume coordinates for block `index`."""
-        core, outer = [], []
-        for i, (lo, hi), b, h in zip(index, self.region, self.block_shape, self.halo):
-            c0, c1 = lo + i * b, min(lo + (i + 1) * b, hi)
-            core.append(slice(c0, c1))
-            outer.append(slice(max(lo, c0 - h), min(hi, c1 + h)))
-        return tuple(core), tuple(outer)
-
-    def __call__(self, _: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        index = block_info[None]["chunk-location"]  # type: ignore[index]
-        return self.compute(index)[None, None, None, :]
-
-    def compute(self, index: Sequence[int]) -> np.ndarray:
+    def compute(self, index: int) -> np.ndarray:
         k = self.num_classes
         out = np.zeros(self.size, dtype=np.float64)
-        core, outer = self.boxes(index)
-        read_box = outer if self.sampling is not None else core
+        core = self.grid.box(index)
+        read_box = self.grid.context(index, self.halo, within_roi=True) if self.sampling is not None else core
         pred, truth = self.pred.read(read_box), self.truth.read(read_box)
         inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, read_box))
         bad_t = _out_of_range(truth[inner], k)
@@ -155,6 +148,17 @@ class _BlockJob:
         return out
 
 
+def _sum_blocks(batch: dict[str, Any], job: _BlockJob) -> dict[str, Any]:
+    """The evaluate stage: each block's sums vector, as its payload."""
+    ids = np.asarray(batch["id"], np.int64)
+    return {"id": ids, "payload": [job.compute(int(i)).tobytes() for i in ids]}
+
+
+def _max_block(batch: dict[str, Any], labels: _Labels, grid: BlockGrid) -> dict[str, Any]:
+    ids = np.asarray(batch["id"], np.int64)
+    return {"id": ids, "max": np.asarray([int(labels.read(grid.box(int(i))).max(initial=0)) for i in ids], np.int64)}
+
+
 def _out_of_range(labels: np.ndarray, k: int) -> int:
     if labels.size == 0:
         return 0
@@ -166,17 +170,15 @@ def _out_of_range(labels: np.ndarray, k: int) -> int:
     return int(np.count_nonzero((labels < 0) | (labels >= k)))
 
 
-def _max_label(labels: _Labels, region: tuple[tuple[int, int], ...], block_shape: Sequence[int]) -> int:
-    """The largest value in `labels` over `region` (a blockwise dask max)."""
-    import dask.array as da
+def _max_label(labels: _Labels, grid: BlockGrid) -> int:
+    """The largest value in `labels` over the grid's region (blockwise)."""
+    from vemscale.blocks.runner import Stage, run_blocks
 
-    vol = labels.volume
-    z0, z1 = region[0]
-    arr = vol.to_dask(chunks=((vol.shape[0],) if vol.ndim == 4 else ()) + tuple(block_shape))
-    arr = arr[..., z0:z1, :, :]
-    if vol.ndim == 4:
-        arr = arr.argmax(axis=0) if labels.argmax else arr[0]
-    return int(da.max(arr).compute(scheduler=_scheduler()))
+    top = [0]
+    run_blocks("max label", grid.num_blocks, None, [Stage("max", _max_block, {"labels": labels, "grid": grid})],
+               batch_ids=max(1, -(-grid.num_blocks // 8)), executor=_executor(grid.num_blocks), progress=False,
+               on_batch=lambda b: top.__setitem__(0, max(top[0], int(np.max(b["max"])))))
+    return top[0]
 
 
 def _class_names(class_names: Sequence[str] | str | None, num_classes: int | None) -> tuple[list[str] | None, int | None]:
@@ -214,6 +216,7 @@ def evaluate(
     mfd_halo_nm: float | None = DEFAULT_MFD_HALO_NM,
     mfd_per_slice: bool = False,
     threshold: float | None = None,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score `pred` against `truth` (URLs or Volumes, z,y,x class ids) over the region, blockwise.
 
@@ -225,6 +228,7 @@ def evaluate(
       for MFD (`mfd=False` skips MFD).
     - MFD: 3-D surfaces and distances with anisotropic sampling by default, per z-slice with
       `mfd_per_slice`; capped at `mfd_halo_nm` (module doc).
+    - `run_dir`: keep a ledger of finished blocks there, so an interrupted evaluation resumes.
     Returns per-class scores, means over foreground classes, and what was evaluated; undefined values
     (e.g. MFD of a class that only one side has) are None.
     """
@@ -255,10 +259,11 @@ def evaluate(
     blocks = tuple(min(int(b), s) for b, s in zip(block_shape, region_shape))
     if mfd and mfd_halo_nm is None:
         blocks = region_shape  # exact, uncapped distances: one block
+    grid = BlockGrid.create(shape, None, blocks, region)
     if k is None:
-        k = max(_max_label(truth_labels, region, blocks), 1) + 1
+        k = max(_max_label(truth_labels, grid), 1) + 1
         if threshold is None and not multi:
-            k = max(k, _max_label(pred_labels, region, blocks) + 1)
+            k = max(k, _max_label(pred_labels, grid) + 1)
         if k > MAX_INFERRED_CLASSES:
             raise UserError(f"labels go up to {k - 1}; that looks like instance ids, not classes. Pass num_classes "
                             "(--classes) if they really are classes")
@@ -279,11 +284,12 @@ def evaluate(
             if mfd_per_slice:
                 halo = (0, halo[1], halo[2])
 
-    job = _BlockJob(pred_labels, truth_labels, region, blocks, k, sampling, cap, halo, mfd_per_slice)
-    grid = tuple(math.ceil(s / b) for s, b in zip(region_shape, blocks))
-    log.info("evaluating %s vs %s: region %s in %d blocks of %s", pv.url, tv.url, region_shape,
-             int(np.prod(grid)), blocks)
-    sums = _run(job, grid)
+    job = _BlockJob(pred_labels, truth_labels, grid, k, sampling, cap, halo, mfd_per_slice)
+    log.info("evaluating %s vs %s: region %s in %d blocks of %s", pv.url, tv.url, region_shape, grid.num_blocks, blocks)
+    describe = {"version": 1, "pred": _identity(pv), "truth": _identity(tv), "grid": grid.to_dict(), "k": k,
+                "sampling": sampling, "cap": cap, "halo": halo, "per_slice": mfd_per_slice, "threshold": threshold,
+                "argmax": multi}
+    sums, run = _run(job, describe, run_dir)
     bad_t, bad_p = int(sums[-2]), int(sums[-1])
     if bad_t:
         raise UserError(f"truth {tv.url!r} has {bad_t} voxels with values outside 0..{k - 1} (num_classes={k}); "
@@ -316,7 +322,9 @@ def evaluate(
         "num_classes": k,
         "voxel_size_xyz": list(voxel) if voxel is not None else None,
         "block_shape": list(blocks),
-        "blocks": int(np.prod(grid)),
+        "blocks": grid.num_blocks,
+        "computed": run["computed"],
+        "skipped": run["skipped"],
         "mfd_halo_nm": cap,
         "mfd_mode": None if not mfd else ("per_slice" if mfd_per_slice else "3d"),
         "threshold": threshold,
@@ -325,18 +333,55 @@ def evaluate(
     return result
 
 
-def _run(job: _BlockJob, grid: tuple[int, ...]) -> np.ndarray:
-    """Sum `job` over all blocks of `grid` with dask (tree reduction), on Ray or threads."""
-    import dask.array as da
+def _identity(vol: Volume) -> dict[str, Any]:
+    """What names a volume's content for the ledger: URL, shape, dtype, and (local files) the metadata's mtime;
+    a vemscale infer output adds its ledger generation, so a re-inferred prediction is scored afresh."""
+    import os
 
-    if int(np.prod(grid)) == 1:
-        return job.compute((0, 0, 0))
-    index = da.zeros(grid, chunks=1, dtype=np.uint8)
-    per_block = index.map_blocks(job, new_axis=3, chunks=(1, 1, 1, job.size), dtype=np.float64,
-                                 name=f"evaluate-block-{uuid.uuid4().hex}",
-                                 meta=np.empty((0, 0, 0, 0), dtype=np.float64))
-    total = per_block.sum(axis=(0, 1, 2), split_every=8)
-    return np.asarray(total.compute(scheduler=_scheduler()), dtype=np.float64)
+    from vemscale.io.urls import parse_url
+
+    out: dict[str, Any] = {"url": vol.url, "shape": list(vol.shape), "dtype": str(vol.dtype)}
+    parsed = parse_url(vol.url)
+    if not parsed.remote:
+        path = parsed.location
+        for name in ("", ".zarray", "zarr.json", "info", "attributes.json", "0/.zarray", "0/zarr.json"):
+            p = os.path.join(path, name) if name else path
+            if os.path.isfile(p):
+                out.setdefault("mtimes", {})[name or "file"] = os.stat(p).st_mtime_ns
+        ledger = os.path.join(os.path.dirname(path.rstrip("/")), LEDGER_DIR, "ledger.json")
+        if os.path.isfile(ledger):
+            out["producer"] = json.loads(open(ledger).read()).get("generation")
+    return out
+
+
+def _run(job: _BlockJob, describe: dict[str, Any], run_dir: str | Path | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sum the blocks' vectors: through a ledger in `run_dir` (an interrupted evaluation resumes) or in memory."""
+    from vemscale.blocks.ledger import Ledger
+    from vemscale.blocks.runner import Stage, run_blocks
+
+    n = job.grid.num_blocks
+    ledger = None
+    if run_dir is not None:
+        url = str(Path(run_dir).resolve() / LEDGER_DIR / "evaluate") + "/"
+        ledger = Ledger.open("file://" + url, describe)
+    parts: dict[int, np.ndarray] = {}  # first block id of a batch -> its sums (added in block order at the end)
+
+    def fold(batch: dict[str, Any]) -> None:
+        part = np.zeros(job.size, np.float64)
+        for i in np.argsort(batch["id"], kind="stable"):
+            part += np.frombuffer(bytes(batch["payload"][i]), np.float64)
+        parts[int(np.min(batch["id"]))] = part
+
+    run = run_blocks("evaluate", n, ledger, [Stage("evaluate", _sum_blocks, {"job": job})],
+               batch_ids=max(1, min(64, -(-n // 8))), executor=_executor(n), progress=False,
+               on_batch=None if ledger is not None else fold, keep_payload=ledger is None)
+    total = np.zeros(job.size, np.float64)
+    if ledger is not None:
+        for _, p in ledger.payloads(n):
+            total += np.frombuffer(p, np.float64)
+    for first in sorted(parts):
+        total += parts[first]
+    return total, run
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -382,12 +427,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'none' = exact, whole region as one block")
     parser.add_argument("--mfd-per-slice", action="store_true", help="surface distances within each z-slice (2-D); suits strongly anisotropic data")
     parser.add_argument("--no-mfd", action="store_true", help="skip the mean false distance")
-    parser.add_argument("overrides", nargs="*", metavar="run_dir=DIR", help="also write evaluation.json into DIR")
+    parser.add_argument("overrides", nargs="*", metavar="run_dir=DIR",
+                        help="also write evaluation.json into DIR and keep a ledger there (a rerun resumes)")
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from vemscale.io.ingest import parse_ints
 
+    from vemscale.config import parse_overrides
+
+    extra = parse_overrides(args.overrides)
+    if set(extra) - {"run_dir"}:
+        raise UserError(f"unknown argument(s) {sorted(set(extra) - {'run_dir'})}; evaluate takes run_dir=DIR")
     text = str(args.mfd_halo_nm).strip().lower()
     try:
         halo = None if text in ("none", "null", "") else float(text)
@@ -396,13 +447,9 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate(args.pred, args.truth, num_classes=args.num_classes, class_names=args.classes,
                       z_range=args.slices, voxel_size_xyz=args.voxel_size,
                       block_shape=parse_ints(args.block_shape, 3, "block shape"), mfd=not args.no_mfd,
-                      mfd_halo_nm=halo, mfd_per_slice=args.mfd_per_slice, threshold=args.threshold)
+                      mfd_halo_nm=halo, mfd_per_slice=args.mfd_per_slice, threshold=args.threshold,
+                      run_dir=extra.get("run_dir"))
     print(format_table(result))
-    from vemscale.config import parse_overrides
-
-    extra = parse_overrides(args.overrides)
-    if set(extra) - {"run_dir"}:
-        raise UserError(f"unknown argument(s) {sorted(set(extra) - {'run_dir'})}; evaluate takes run_dir=DIR")
     if "run_dir" in extra:
         out = Path(str(extra["run_dir"]))
         out.mkdir(parents=True, exist_ok=True)
