@@ -50,7 +50,8 @@ def test_read_span_covers_the_tile_window():
 @pytest.mark.parametrize("mode", ["xy", "orthoplane"])
 def test_auto_halo_holds_everything_the_tiles_read(mode):
     """The default context box is exactly what the tiles need: no read leaves it, and bytes match a plain reader."""
-    from vemscale.infer.predictor import BlockReader, tile_context_box
+    from vemscale.infer.blockio import tile_context_box
+    from vemscale.infer.predictor import BlockReader
 
     torch.manual_seed(0)
     model = create_model("tiny", in_chans=1, num_classes=2).eval()

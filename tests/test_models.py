@@ -12,6 +12,8 @@ from vemscale.errors import UserError
 from vemscale.models import GROUP_NAMES, create_model, list_models
 
 SMALL = ["transunet_tiny", "unet_resnet18"]
+ENGINE_ONLY = {"pixel_linear"}  # the 1x1-conv model for measuring the block engine: no encoder, any tile size
+SEGMENTATION = [n for n in list_models() if n not in ENGINE_ONLY]
 LARGE = ["transunet_base", "unet_resnet50"]
 
 
@@ -44,7 +46,7 @@ def test_large_models_map_input_to_logits(name):
     assert y.shape == (2, 2, 64, 64)
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("name", SEGMENTATION)
 def test_non_multiple_of_16_raises(name):
     with pytest.raises(ValueError, match="multiples of"):
         built(name)(torch.randn(1, 1, 72, 64))
@@ -78,7 +80,7 @@ def test_spec_carries_overrides_and_resolves_aliases():
         assert create_model("base").spec["name"] == "transunet_base"
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
+@pytest.mark.parametrize("name", SEGMENTATION)
 def test_parameter_groups_partition_parameters(name):
     model = built(name)
     groups = model.parameter_groups()
@@ -151,3 +153,13 @@ def test_tiny_trains_every_parameter():
     torch.nn.functional.cross_entropy(model(x), y).backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused
+
+
+def test_pixel_linear_is_one_linear_map_per_pixel():
+    model = create_model("pixel_linear", in_chans=1, num_classes=2).eval()
+    x = torch.randn(3, 1, 20, 36)
+    with torch.no_grad():
+        y = model(x)
+        want = model.head.weight[:, 0, 0, 0].view(1, 2, 1, 1) * x + model.head.bias.view(1, 2, 1, 1)
+    assert y.shape == (3, 2, 20, 36) and torch.allclose(y, want)
+    assert model.parameter_groups()["decoder"] == ["head.weight", "head.bias"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import time
@@ -29,12 +30,12 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from vemscale.blocks.ledger import SHARD, Ledger
+from vemscale.blocks.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
-MAX_READ_TASKS = 1000  # id-source tasks per run, whatever the number of blocks
+SEGMENT_BATCHES = 4096  # id batches per Ray Data execution: what the driver holds of a plan at once
 TARGET_BATCH_BYTES = 64 << 20  # data per Ray Data block between stages
 MAX_IDS_PER_BATCH = 1024
 
@@ -112,59 +113,63 @@ def _quiet_ray_data() -> Iterator[Any]:
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def _datasource(num_blocks: int, ledger: Ledger | None, size: int) -> Any:
-    """A Ray Data datasource of pending ids: up to MAX_READ_TASKS read tasks, each listing its own id range."""
+def _datasource(segment: list[np.ndarray]) -> Any:
+    """A Ray Data datasource with one read task per id batch, each yielding exactly that batch as one block.
+
+    One block per read task keeps Ray Data from merging id batches into bigger blocks (a read task's output
+    buffer merges what it yields up to `target_max_block_size`), so a batch is the unit of work downstream."""
     from ray.data import Datasource
     from ray.data.block import BlockAccessor, BlockMetadata
     from ray.data.datasource import ReadTask
 
-    class PendingIds(Datasource):
+    class IdBatches(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return 8 * num_blocks
+            return int(sum(8 * len(ids) for ids in segment))
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list:
-            step = -(-num_blocks // _read_tasks(num_blocks, size))
+            return [ReadTask(functools.partial(_one_block, ids),
+                             BlockMetadata(num_rows=len(ids), size_bytes=8 * len(ids), exec_stats=None))
+                    for ids in segment]
 
-            def read(lo: int, hi: int) -> Iterable[Any]:
-                for ids in pending_batches(num_blocks, ledger, size, lo, hi):
-                    yield BlockAccessor.batch_to_block({"id": ids})
-
-            return [ReadTask(functools.partial(read, lo, min(lo + step, num_blocks)),
-                             BlockMetadata(num_rows=None, size_bytes=8 * step, exec_stats=None))
-                    for lo in range(0, num_blocks, step)]
-
-    return PendingIds()
+    return IdBatches()
 
 
-def _read_tasks(num_blocks: int, size: int) -> int:
-    """Id-source tasks: each covers >= 8 batches (or a ledger shard), at most MAX_READ_TASKS of them."""
-    return max(1, min(MAX_READ_TASKS, -(-num_blocks // max(size, min(SHARD, size * 8)))))
+def _one_block(ids: np.ndarray) -> list[Any]:
+    from ray.data.block import BlockAccessor
+
+    return [BlockAccessor.batch_to_block({"id": ids})]
 
 
 def _ray_batches(num_blocks: int, ledger: Ledger | None, stages: list[Stage], size: int,
                  keep_payload: bool) -> Iterator[Batch]:
+    """Run the stages over the pending batches, SEGMENT_BATCHES batches per Ray Data execution (so the driver
+    holds at most that many id batches, whatever the plan's size)."""
     import ray.data
 
-    n_read = _read_tasks(num_blocks, size)  # override_num_blocks: Ray Data must not re-split our id batches
-    ds = ray.data.read_datasource(_datasource(num_blocks, ledger, size), num_cpus=0, concurrency=2,
-                                  override_num_blocks=n_read)
-    for k, st in enumerate(stages):
-        last = k == len(stages) - 1
-        common: dict[str, Any] = {"batch_size": None, "num_cpus": st.num_cpus, "zero_copy_batch": True}
-        if st.num_gpus:
-            common["num_gpus"] = st.num_gpus
-        if st.actors:
-            if last:
-                raise ValueError("the last stage writes and marks done: make it a task stage, not an actor pool")
-            ds = ds.map_batches(st.fn, fn_constructor_kwargs=st.kwargs, **common,
-                                compute=ray.data.ActorPoolStrategy(size=st.actors,
-                                                                   max_tasks_in_flight_per_actor=st.prefetch))
-        else:
-            fn: Any = (functools.partial(_mark_after, fn=st.fn, ledger=ledger, kwargs=st.kwargs,
-                                         keep_payload=keep_payload) if last else st.fn)
-            ds = ds.map_batches(fn, fn_kwargs=None if last else st.kwargs, concurrency=st.concurrency, **common)
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    batches = pending_batches(num_blocks, ledger, size)
+    while True:
+        segment = list(itertools.islice(batches, SEGMENT_BATCHES))
+        if not segment:
+            return
+        ds = ray.data.read_datasource(_datasource(segment), num_cpus=0, concurrency=2,
+                                      override_num_blocks=len(segment))
+        for k, st in enumerate(stages):
+            last = k == len(stages) - 1
+            common: dict[str, Any] = {"batch_size": None, "num_cpus": st.num_cpus, "zero_copy_batch": True}
+            if st.num_gpus:
+                common["num_gpus"] = st.num_gpus
+            if st.actors:
+                if last:
+                    raise ValueError("the last stage writes and marks done: make it a task stage, not an actor pool")
+                ds = ds.map_batches(st.fn, fn_constructor_kwargs=st.kwargs, **common,
+                                    compute=ray.data.ActorPoolStrategy(size=st.actors,
+                                                                       max_tasks_in_flight_per_actor=st.prefetch))
+            else:
+                fn: Any = (functools.partial(_mark_after, fn=st.fn, ledger=ledger, kwargs=st.kwargs,
+                                             keep_payload=keep_payload) if last else st.fn)
+                ds = ds.map_batches(fn, fn_kwargs=None if last else st.kwargs, concurrency=st.concurrency, **common)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 
 def _local_batches(num_blocks: int, ledger: Ledger | None, stages: list[Stage], size: int,

@@ -28,9 +28,9 @@ from vemscale.blocks.runner import Stage, ids_per_batch, run_blocks
 from vemscale.checkpoint import checkpoint_location
 from vemscale.config import StageConfig, absolute_url, dump_config
 from vemscale.errors import UserError
+from vemscale.infer.blockio import BlockJob, read_blocks, write_blocks
 from vemscale.infer.outputs import check_output, prepare_outputs
-from vemscale.infer.predictor import BlockJob, Predictor, grid_and_normalizer, read_blocks, weights_sha256, \
-    write_blocks
+from vemscale.infer.predictor import Predictor, grid_and_normalizer, weights_sha256
 from vemscale.infer.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,8 @@ def _io_cpus(cfg: InferConfig, workers: int) -> float:
     return 0.0 if workers * cfg.threads_per_worker >= cpus else 1.0
 
 
-def run_infer(cfg: InferConfig) -> dict[str, Any]:
-    """Predict `cfg.input` blockwise into `cfg.output`; resumes from the ledger. Returns outputs and a summary."""
-
+def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
+    """Everything before the first block: checks, outputs, Ray, the ledger and the job the stages share."""
     t_start = time.perf_counter()
     checked = validate(cfg)
     volume, meta, plan = checked["volume"], checked["meta"], checked["plan"]
@@ -246,6 +245,16 @@ def run_infer(cfg: InferConfig) -> dict[str, Any]:
                    batch_size=cfg.batch_size, threads=cfg.threads_per_worker, use_gpu=num_gpus > 0,
                    layers={n: layer.spec for n, layer in layers.items()}, tile=grid.tile, margin=grid.margin,
                    run_id=uuid.uuid4().hex).model_dump(mode="json")
+    return {"t_start": t_start, "plan": plan, "layers": layers, "classes": classes, "k": k, "ledger": ledger,
+            "workers": workers, "num_gpus": num_gpus, "pending": pending, "recompute": recompute, "job": job}
+
+
+def run_infer(cfg: InferConfig) -> dict[str, Any]:
+    """Predict `cfg.input` blockwise into `cfg.output`; resumes from the ledger. Returns outputs and a summary."""
+    prep = prepare_infer(cfg)
+    t_start, plan, layers, classes, k, ledger = (prep[n] for n in ("t_start", "plan", "layers", "classes", "k", "ledger"))
+    workers, num_gpus, pending, recompute, job = (prep[n] for n in ("workers", "num_gpus", "pending", "recompute", "job"))
+    num_blocks = plan.num_blocks
     actors = max(1, min(workers, pending))
     io_cpus = _io_cpus(cfg, actors)
     voxel_bytes = 1 + (k if "probabilities" in layers else 0) + (1 if "labels" in layers else 0)  # input + outputs
@@ -291,4 +300,4 @@ def _write_run_files(cfg: InferConfig, result: dict[str, Any]) -> None:
     (run_dir / "infer_summary.json").write_text(json.dumps(result, indent=2, default=str))
 
 
-__all__ = ["InferConfig", "run_infer", "validate", "describe_run"]
+__all__ = ["InferConfig", "run_infer", "prepare_infer", "validate", "describe_run"]

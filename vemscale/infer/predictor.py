@@ -1,50 +1,26 @@
-"""The three stages of blockwise inference, each a plain function of a batch of blocks (plus one model actor).
+"""The model stage of blockwise inference: `Predictor`, a Ray Data actor that holds one model.
 
-    read_blocks  (Ray task)   block id -> the raw context box (core + halo) from the input volume
-    Predictor    (actor pool) context -> normalise, tile, forward, crop, quantise: uint8 probabilities / labels
-    write_blocks (Ray task)   -> write each core into the output layers (then the runner marks them done)
-
-The model actor does forward passes only, so a GPU never waits on storage: reads and writes run in tasks
-beside it while it computes. Tiles of all blocks in a batch share fixed-size model batches (`TileBatcher`).
+It does forward passes only (normalise, tile, forward, crop, quantise), so a GPU never waits on storage:
+`vemscale.infer.blockio` reads and writes in tasks beside it while it computes. Tiles of all blocks in a
+batch share fixed-size model batches (`TileBatcher`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
-from pydantic import BaseModel
 
-from vemscale.blocks.grid import BlockGrid, Box, box_voxels
+from vemscale.blocks.grid import BlockGrid, Box
 from vemscale.checkpoint import WEIGHTS_FILE, CheckpointMeta, load_checkpoint, local_checkpoint
-from vemscale.infer.outputs import argmax_labels, open_layers, quantize_probabilities
-from vemscale.infer.tiling import Normalizer, TileBatcher, TileGrid, predict_boxes, read_span
-
-
-class BlockJob(BaseModel):
-    """Everything a stage needs, JSON-able (it travels to tasks and actors as arguments)."""
-
-    input: str
-    scale: int | str | None = None
-    checkpoint: str
-    weights_sha256: str
-    grid: dict[str, Any]
-    halo: Literal["auto"] | tuple[int, int, int] = "auto"
-    mode: Literal["xy", "orthoplane"] = "xy"
-    batch_size: int = 8
-    threads: int = 1
-    use_gpu: bool = False
-    layers: dict[str, dict[str, Any]]  # layer name -> tensorstore spec
-    tile: int
-    margin: int
-    run_id: str = ""  # one per run: cached store handles never outlive the run that opened them
+from vemscale.infer.blockio import BlockJob, _open_input, pack, unpack
+from vemscale.infer.outputs import argmax_labels, quantize_probabilities
+from vemscale.infer.tiling import Normalizer, TileBatcher, TileGrid, predict_boxes
 
 
 def weights_sha256(checkpoint: str | Path) -> str:
@@ -60,23 +36,6 @@ def grid_and_normalizer(meta: CheckpointMeta) -> tuple[TileGrid, Normalizer]:
     n = meta.normalization
     return TileGrid(meta.tile, meta.margin), Normalizer(float(n.get("scale", 255.0)), tuple(n.get("mean", (0.5,))),
                                                         tuple(n.get("std", (0.25,))))
-
-
-def tile_context_box(box: Box, volume_shape: tuple[int, int, int], grid: TileGrid, mode: str) -> Box:
-    """The in-volume box the tiles of `box` read: the default ("auto") halo. z is only tiled in orthoplane mode."""
-    out = []
-    for axis, (s, size) in enumerate(zip(box, volume_shape)):
-        if axis == 0 and mode == "xy":
-            out.append(s)
-        else:
-            out.append(slice(*read_span(grid, s.start, s.stop, size)))
-    return tuple(out)  # type: ignore[return-value]
-
-
-def context_box(job: BlockJob, grid: BlockGrid, index: int) -> Box:
-    if job.halo == "auto":
-        return tile_context_box(grid.box(index), grid.volume_shape, TileGrid(job.tile, job.margin), job.mode)
-    return grid.context(index, job.halo)
 
 
 class BlockReader:
@@ -102,55 +61,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-@functools.lru_cache(maxsize=4)
-def _open_input(url: str, scale: int | str | None, run_id: str = "") -> Any:
-    from vemscale.io.volume import open_volume
-
-    return open_volume(url, scale=scale)
-
-
-@functools.lru_cache(maxsize=4)
-def _open_outputs(specs_json: str, run_id: str = "") -> dict[str, Any]:
-    import json
-
-    return open_layers(json.loads(specs_json))
-
-
-def _column(batch: dict[str, Any], name: str, i: int) -> np.ndarray:
-    return np.asarray(batch[name][i])
-
-
-# --- stage 1: read ---------------------------------------------------------------------------------------------
-
-
-def read_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Read the context box of every block in the batch (all reads in flight at once)."""
-    t0 = time.perf_counter()
-    spec = BlockJob.model_validate(job)
-    grid = BlockGrid.from_dict(spec.grid)
-    volume = _open_input(spec.input, spec.scale, spec.run_id)
-    ids = np.asarray(batch["id"], np.int64)
-    lead = (slice(None),) if volume.ndim == 4 else ()
-    boxes = [context_box(spec, grid, int(i)) for i in ids]
-    store = volume.tensorstore
-    if store is not None:
-        futures = [store[lead + b].read() for b in boxes]
-        data = [np.asarray(f.result()) for f in futures]
-    else:
-        data = [np.asarray(volume.read(lead + b)) for b in boxes]
-    seconds = time.perf_counter() - t0
-    return {"id": ids, "context": [np.asarray([[b.start, b.stop] for b in box], np.int64) for box in boxes],
-            "data": data, "read_s": np.full(len(ids), seconds / max(1, len(ids))),
-            "context_voxels": np.asarray([box_voxels(b) for b in boxes], np.int64)}
-
-
-# --- stage 2: predict (the model actor) ------------------------------------------------------------------------
-
-
 class Predictor:
     """Ray Data actor: one model per worker; `__call__` predicts a batch of read blocks (forward passes only)."""
 
     def __init__(self, job: dict[str, Any]) -> None:
+        import torch
+
         t0 = time.perf_counter()
         self.job = BlockJob.model_validate(job)
         torch.set_num_threads(self.job.threads)
@@ -173,8 +89,8 @@ class Predictor:
         ids = np.asarray(batch["id"], np.int64)
         readers, jobs = [], []
         for i, index in enumerate(ids):
-            ctx = tuple(slice(int(a), int(b)) for a, b in _column(batch, "context", i))
-            reader = BlockReader(_column(batch, "data", i), ctx, self._fallback)  # type: ignore[arg-type]
+            ctx = tuple(slice(int(a), int(b)) for a, b in batch["context"][i])
+            reader = BlockReader(unpack(batch, "data", i), ctx, self._fallback)  # type: ignore[arg-type]
             readers.append(reader)
             jobs.append((reader, self.grid.box(int(index))))
         batcher = TileBatcher(self.model, self.job.batch_size, self.tiles.margin, self.device, self.amp_dtype)
@@ -187,9 +103,9 @@ class Predictor:
         n = len(ids)
         out: dict[str, Any] = {k: batch[k] for k in ("id", "read_s", "context_voxels")}
         if probs_out:
-            out["probabilities"] = probs_out
+            out["probabilities"], out["probabilities_shape"] = pack(probs_out)
         if labels_out:
-            out["labels"] = labels_out
+            out["labels"], out["labels_shape"] = pack(labels_out)
         seconds = time.perf_counter() - t0
         out.update({
             "predict_s": np.full(n, seconds / n), "forward_s": np.full(n, batcher.forward_seconds / n),
@@ -202,32 +118,3 @@ class Predictor:
         return out
 
 
-# --- stage 3: write --------------------------------------------------------------------------------------------
-
-
-def write_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Write every block's core into the output layers; returns only after all writes completed."""
-    import json
-
-    t0 = time.perf_counter()
-    spec = BlockJob.model_validate(job)
-    grid = BlockGrid.from_dict(spec.grid)
-    stores = _open_outputs(json.dumps(spec.layers, sort_keys=True), spec.run_id)
-    ids = np.asarray(batch["id"], np.int64)
-    futures = []
-    for i, index in enumerate(ids):
-        box = grid.box(int(index))
-        if "probabilities" in stores:
-            futures.append(stores["probabilities"][(slice(None), *box)].write(_column(batch, "probabilities", i)))
-        if "labels" in stores:
-            store = stores["labels"]
-            futures.append(store[box].write(_column(batch, "labels", i).astype(store.dtype.numpy_dtype, copy=False)))
-    for f in futures:
-        f.result()
-    n = len(ids)
-    seconds = time.perf_counter() - t0
-    keep = ("read_s", "context_voxels", "predict_s", "forward_s", "tiles", "batches", "halo_misses", "pid",
-            "peak_rss_mb", "actor_init_s", "predict_start", "predict_end")
-    return {"id": ids, **{k: np.asarray(batch[k]) for k in keep},
-            "voxels": np.asarray([box_voxels(grid.box(int(i))) for i in ids], np.int64),
-            "write_s": np.full(n, seconds / max(1, n)), "finished_at": np.full(n, time.time())}

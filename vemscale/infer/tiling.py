@@ -9,10 +9,12 @@ padded), so a block, a whole slice or a whole volume give the same bytes for the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # read(z: slice, y: slice, x: slice) -> array (C, z, y, x) of raw input values inside the volume bounds
 Reader = Callable[[slice, slice, slice], np.ndarray]
@@ -94,6 +96,8 @@ class TileBatcher:
 
     def __init__(self, model: torch.nn.Module, batch_size: int, margin: int, device: torch.device | str = "cpu",
                  amp_dtype: torch.dtype | None = None) -> None:
+        import torch  # here, not at import: the read and write stages import this module without a model
+
         self.model, self.batch_size, self.margin = model, int(batch_size), int(margin)
         self.device, self.amp_dtype = torch.device(device), amp_dtype
         self._queue: list[list] = []  # [request id, tiles, next index]
@@ -139,6 +143,8 @@ class TileBatcher:
 
     def _run(self, n: int) -> None:
         import time
+
+        import torch
 
         parts, owners = [], []
         while sum(len(p) for p in parts) < n:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .common import GROUP_NAMES, SegmentationModel
 from .registry import ALIASES, create_model, list_models, register_model, resolve_name
+from .pixel import PixelLinear
 from .transunet import TRANSUNET_SIZES, TransUNet
 from .unet_resnet import UNET_RESNET_SIZES, UNetResNet
 
@@ -39,7 +40,14 @@ def unet_resnet18(**kwargs: Any) -> UNetResNet:
     return UNetResNet(**{**UNET_RESNET_SIZES["unet_resnet18"], **kwargs})
 
 
+@register_model
+def pixel_linear(**kwargs: Any) -> PixelLinear:
+    """A 1x1 convolution: next to no compute, for measuring the block engine itself (bench.scale)."""
+    return PixelLinear(**kwargs)
+
+
 __all__ = [
+    "PixelLinear",
     "ALIASES",
     "GROUP_NAMES",
     "SegmentationModel",
