@@ -159,3 +159,16 @@ def test_ids_per_batch_balances_small_runs_and_caps_bytes():
     assert ids_per_batch(block_bytes=256, pending=100_000, workers=2) == 1024
     assert ids_per_batch(block_bytes=32 << 20, pending=100_000, workers=2) == 2
     assert ids_per_batch(block_bytes=256, pending=20, workers=2) == 3
+
+
+@pytest.mark.parametrize("executor", ["tasks", "ray"])
+def test_ray_executors_mark_every_block_and_keep_payloads(tmp_path, ray_local, executor):
+    ledger = Ledger.open(f"file://{tmp_path}/l/", {"x": executor})
+    stages = [Stage("square", _square, {"offset": 1}, num_cpus=0.5), Stage("emit", _emit, num_cpus=0.5)]
+    seen = []
+    out = run_blocks("toy", 300, ledger, stages, batch_ids=7, executor=executor, progress=False,
+                     on_batch=lambda b: seen.extend(b["id"].tolist()))
+    assert (out["computed"], out["skipped"]) == (300, 0) and sorted(seen) == list(range(300))
+    assert {i: int.from_bytes(p, "little") for i, p in ledger.payloads(300)} == {i: i * i + 1 for i in range(300)}
+    again = run_blocks("toy", 300, ledger, stages, batch_ids=7, executor=executor, progress=False)
+    assert (again["computed"], again["skipped"]) == (0, 300)

@@ -9,6 +9,7 @@ functions (grid, tiling, outputs, ledger), so only the dispatch and the stage la
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ class FusedPredictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = []
         for index in batch["id"]:
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             read = read_blocks({"id": np.asarray([index])}, self.job)
             p = self.inner
             ctx = tuple(slice(int(a), int(b)) for a, b in read["context"][0])
@@ -55,9 +56,9 @@ class FusedPredictor:
                         "actor_init_s": np.zeros(n), "predict_start": np.zeros(n), "predict_end": np.zeros(n)})
             write_blocks(out, self.job)
             self.ledger.mark_done([int(index)])
-            rows.append({"forward_s": forward, "seconds": time.perf_counter() - t0, "start": t0})
-        return {"id": np.asarray(batch["id"]), "forward_s": np.asarray([r["forward_s"] for r in rows]),
-                "seconds": np.asarray([r["seconds"] for r in rows])}
+            rows.append({"forward_s": forward, "seconds": time.perf_counter() - t0, "start": wall0, "end": time.time()})
+        return {"id": np.asarray(batch["id"]), **{k: np.asarray([r[k] for r in rows]) for k in rows[0]},
+                "pid": np.full(len(rows), os.getpid())}
 
 
 def run_legacy(job: dict[str, Any], ledger: Ledger, workers: int, threads: int) -> dict[str, float]:
@@ -76,15 +77,20 @@ def run_legacy(job: dict[str, Any], ledger: Ledger, workers: int, threads: int) 
             ds = ray.data.from_items([{"id": int(i)} for i in ids], override_num_blocks=1)
             ds = ds.map_batches(FusedPredictor, fn_constructor_kwargs={"job": job, "ledger": ledger}, batch_size=1,
                                 compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads)
-            forward = n = 0
+            n = 0
+            busy: dict[int, list[float]] = {}  # pid -> forward seconds, first start, last end (as the engine's)
             for batch in ds.iter_batches(batch_size=None):
-                forward += float(np.sum(batch["forward_s"]))
                 n += len(batch["id"])
+                for i in range(len(batch["id"])):
+                    b = busy.setdefault(int(batch["pid"][i]), [0.0, np.inf, 0.0])
+                    b[0] += float(batch["forward_s"][i])
+                    b[1], b[2] = min(b[1], float(batch["start"][i])), max(b[2], float(batch["end"][i]))
             seconds = time.perf_counter() - t0
         finally:
             ctx.target_max_block_size = saved
+    wall = sum(max(b[2] - b[1], 1e-9) for b in busy.values())
     return {"blocks": n, "seconds": seconds, "blocks_per_s": n / seconds if seconds else 0.0,
-            "predict_busy": forward / (workers * seconds) if seconds else 0.0}
+            "predict_busy": sum(b[0] for b in busy.values()) / wall if busy else 0.0}
 
 
 __all__ = ["run_legacy"]

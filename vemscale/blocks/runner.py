@@ -13,7 +13,9 @@ reduction over all blocks (label counts, metric sums) survives a resume; every o
 per-block stats that reach the driver. Batches of many block ids keep Ray Data's blocks large (its guidance:
 >= 1 MB) and the per-block overhead far below a millisecond.
 
-`executor="local"` runs the same stages in this process, batch by batch (small jobs, no Ray needed).
+Executors: "ray" (Ray Data streaming, needed for actor pools), "tasks" (stages without actors fused into one
+plain Ray task per batch, a bounded number in flight: starts in milliseconds), "local" (this process, batch
+by batch: small jobs, no Ray); "auto" picks "ray" when a stage is an actor pool, else "tasks".
 """
 
 from __future__ import annotations
@@ -172,6 +174,38 @@ def _ray_batches(num_blocks: int, ledger: Ledger | None, stages: list[Stage], si
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 
+def _fused(batch: Batch, stages: list[Stage], ledger: Ledger | None, keep_payload: bool) -> Batch:
+    """All task stages of a batch in one Ray task, the last one marking the blocks done."""
+    for k, st in enumerate(stages):
+        if k == len(stages) - 1:
+            batch = _mark_after(batch, st.fn, ledger, st.kwargs, keep_payload)
+        else:
+            batch = st.fn(batch, **st.kwargs)
+    return batch
+
+
+def _task_batches(num_blocks: int, ledger: Ledger | None, stages: list[Stage], size: int,
+                  keep_payload: bool) -> Iterator[Batch]:
+    """Stages without actors as plain Ray tasks, one per batch, a bounded number in flight (starts in ms, where a
+    Ray Data execution takes seconds: the choice for steps of many short runs, such as export's levels)."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = min(st.concurrency or 2 * cpus for st in stages)
+    num_cpus = max(st.num_cpus for st in stages)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(_fused)
+    stages_ref = ray.put(stages)
+    in_flight: list[Any] = []
+    for ids in pending_batches(num_blocks, ledger, size):
+        if len(in_flight) >= limit:
+            ready, in_flight = ray.wait(in_flight, num_returns=1)
+            yield ray.get(ready[0])
+        in_flight.append(remote.remote({"id": ids}, stages_ref, ledger, keep_payload))
+    while in_flight:
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        yield ray.get(ready[0])
+
+
 def _local_batches(num_blocks: int, ledger: Ledger | None, stages: list[Stage], size: int,
                    keep_payload: bool) -> Iterator[Batch]:
     fns: list[Callable[[Batch], Batch]] = []
@@ -199,7 +233,7 @@ def run_blocks(
     batch_ids: int,
     on_batch: Callable[[Batch], None] | None = None,
     keep_payload: bool = False,
-    executor: Literal["ray", "local"] = "ray",
+    executor: Literal["auto", "ray", "tasks", "local"] = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every pending block of a grid through `stages`; returns counts and timings.
@@ -219,8 +253,10 @@ def run_blocks(
     computed, first_at = 0, None
     t_pool = time.perf_counter()
     if pending:
-        batches = (_ray_batches if executor == "ray" else _local_batches)(num_blocks, ledger, stages, batch_ids,
-                                                                          keep_payload)
+        if executor == "auto":
+            executor = "ray" if any(st.actors for st in stages) else "tasks"
+        run = {"ray": _ray_batches, "tasks": _task_batches, "local": _local_batches}[executor]
+        batches = run(num_blocks, ledger, stages, batch_ids, keep_payload)
         ctx = _quiet_ray_data() if executor == "ray" else contextlib.nullcontext()
         with ctx, tqdm(total=pending, unit="block", desc=desc, disable=not progress, mininterval=1.0) as bar:
             try:

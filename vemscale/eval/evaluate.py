@@ -70,17 +70,17 @@ LOCAL_MAX_BLOCKS = 16  # plans up to this size run in this process; larger ones 
 
 
 def _executor(num_blocks: int) -> str:
-    """Ray when a Ray runtime is up in this process or the plan is large, else in-process."""
+    """Ray tasks when a Ray runtime is up in this process or the plan is large, else in-process."""
     import ray
 
     if ray.is_initialized():
-        return "ray"
+        return "tasks"
     if num_blocks <= LOCAL_MAX_BLOCKS:
         return "local"
     from vemscale.raycluster import ensure_ray
 
     ensure_ray()
-    return "ray"
+    return "tasks"
 
 
 def _spatial(vol: Volume) -> tuple[int, int, int]:

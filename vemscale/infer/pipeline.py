@@ -193,9 +193,9 @@ class _Stats:
         out["actors"] = len(self.busy)
         if self.busy:
             start = min(b[1] for b in self.busy.values())
-            end = max(b[2] for b in self.busy.values())
-            wall = max(end - start, 1e-9) * len(self.busy)
+            wall = sum(max(b[2] - b[1], 1e-9) for b in self.busy.values())  # each actor's first input to last output
             out["predict_busy"] = round(sum(b[0] for b in self.busy.values()) / wall, 4)
+            out["pool_ready_to_first_block_s"] = round(self.first_block_at - start, 3) if self.first_block_at else None
         out["peak_actor_rss_mb"] = round(self.peak_rss_mb, 1)
         out["actor_init_s"] = round(self.actor_init_s, 3)
         return out
