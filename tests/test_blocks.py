@@ -163,6 +163,11 @@ def test_ids_per_batch_balances_small_runs_and_caps_bytes():
 
 @pytest.mark.parametrize("executor", ["tasks", "ray"])
 def test_ray_executors_mark_every_block_and_keep_payloads(tmp_path, ray_local, executor):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the toy stages live in this test module
     ledger = Ledger.open(f"file://{tmp_path}/l/", {"x": executor})
     stages = [Stage("square", _square, {"offset": 1}, num_cpus=0.5), Stage("emit", _emit, num_cpus=0.5)]
     seen = []
