@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -29,3 +34,44 @@ def ray_local():
         ray.init(address="local", num_cpus=os.cpu_count() or 2, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (the run we started: driver, its local Ray, its actors).
+
+    Ray puts each worker in a process group of its own, so killing the driver's group would leave the actors
+    running for a while; they all stay in the session the test created."""
+    for _ in range(5):
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == sid:
+                        pids.append(int(entry))
+                except OSError:
+                    pass
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def kill_cli_when(args: list[str], condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> None:
+    """Run `vemscale <args>` in a session of its own (a local Ray of its own) and SIGKILL all of it once
+    `condition()` holds; fails if the command exits first or the condition takes longer than `timeout` s."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "vemscale.cli", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"vemscale {args[0]}: the condition did not hold in {timeout} s"
+            time.sleep(poll)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()

@@ -157,7 +157,8 @@ def test_local_runner_stages_payloads_resume_and_failure(tmp_path):
 
 def test_ids_per_batch_balances_small_runs_and_caps_bytes():
     assert ids_per_batch(block_bytes=256, pending=100_000, workers=2) == 1024
-    assert ids_per_batch(block_bytes=32 << 20, pending=100_000, workers=2) == 2
+    assert ids_per_batch(block_bytes=8 << 20, pending=100_000, workers=2) == 2
+    assert ids_per_batch(block_bytes=32 << 20, pending=100_000, workers=2) == 1
     assert ids_per_batch(block_bytes=256, pending=20, workers=2) == 3
 
 

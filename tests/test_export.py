@@ -229,13 +229,7 @@ def _step_done(layer: Path, step: str) -> int:
 def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, tmp_path: Path) -> None:
     """SIGKILL a whole `vemscale export` (driver, its Ray, its workers) in the middle of scale 0, rerun: only the
     blocks not in the ledger are recomputed, and every file equals a clean export's."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
-    from test_infer import kill_session
+    from conftest import kill_cli_when
 
     args = {"layer_type": "segmentation", "pyramid": True, "max_scales": 2, "mesh": True, "mesh_scale": 0,
             "mesh_reduction": 0, "sharded": False, "task_voxels": 4 * 64 * 64, "blocks_per_batch": 1,
@@ -244,21 +238,10 @@ def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, 
     blocks = clean["blocks"]["scale0"]["blocks"]
     assert blocks >= 30
     dest = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "vemscale.cli", "export", crops["objects_url"], str(dest),
+    cmd = ["export", crops["objects_url"], str(dest),
            f"run_dir={tmp_path}/killed_run", "chunk=4,64,64", "shard_voxels=65536",
            *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while _step_done(dest, "scale0") < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no block finished in time"
-            time.sleep(0.01)
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
+    kill_cli_when(cmd, lambda: _step_done(dest, "scale0") >= 3, timeout=120, poll=0.01)
     done = _step_done(dest, "scale0")
     assert 3 <= done < blocks, "the kill should land inside scale 0"
     resumed = _export(source=crops["objects_url"], dest=str(dest), **args)

@@ -18,13 +18,13 @@ import tensorstore as ts
 import tifffile
 import torch
 
-from conftest import ROOT, data_path
+from conftest import ROOT, data_path, kill_cli_when
+from vemscale.blocks.grid import BlockGrid
+from vemscale.blocks.ledger import Ledger, ledger_url
 from vemscale.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from vemscale.errors import UserError
-from vemscale.blocks.ledger import Ledger, ledger_url
 from vemscale.infer.outputs import argmax_labels, quantize_probabilities
 from vemscale.infer.pipeline import InferConfig, run_infer
-from vemscale.blocks.grid import BlockGrid
 from vemscale.infer.predictor import grid_and_normalizer
 from vemscale.infer.run import load_infer_config
 from vemscale.infer.tiling import numpy_reader, predict_block_orthoplane, predict_block_xy, predict_volume_xy
@@ -168,48 +168,13 @@ def _ledger_count(out: str, blocks: int) -> int:
     return Ledger(ledger_url(out), info["fingerprint"], info["generation"]).count_done(blocks)
 
 
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of session `sid` (the run we started: driver, its local Ray, its actors).
-
-    Ray puts each worker in a process group of its own, so killing the driver's group would leave the actors
-    running for a while; they all stay in the session the test created."""
-    for _ in range(5):
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getsid(int(entry)) == sid:
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.2)
-
-
 def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local):
     cfg = config(data, "killed")
     blocks = BlockGrid.create(SHAPE, cfg.output_chunks, cfg.block_shape).num_blocks
     args = [f"input={cfg.input}", f"output={cfg.output}", f"checkpoint={cfg.checkpoint}", "block_shape=2,48,48",
             "output_chunks=2,48,48", "workers=1", "threads_per_worker=1", f"batch_size={BATCH}", "progress=false",
             f"run_dir={cfg.run_dir}", "blocks_per_batch=2"]  # small batches, so the kill lands mid-run
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "vemscale.cli", "infer", *args], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 150
-    try:
-        while _ledger_count(cfg.output, blocks) < 5:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no block finished in time"
-            time.sleep(0.05)
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
+    kill_cli_when(["infer", *args], lambda: _ledger_count(cfg.output, blocks) >= 5, timeout=150)
     done = _ledger_count(cfg.output, blocks)
     assert 5 <= done < blocks
     s = run_infer(cfg)["summary"]
@@ -364,18 +329,7 @@ def test_ten_thousand_blocks_resume_after_a_kill_recomputing_only_what_was_in_fl
     args = [f"input={src}", f"output={out}", f"checkpoint={ckpt}", f"block_shape=1,{side},{side}",
             f"output_chunks=1,{side},{side}", "workers=1", "write=labels", "progress=false", "blocks_per_batch=50",
             f"run_dir={tmp_path}/run"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "vemscale.cli", "infer", *args], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    try:
-        while _ledger_count(str(out), blocks) < 1000:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "too few blocks finished in time"
-            time.sleep(0.02)
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
+    kill_cli_when(["infer", *args], lambda: _ledger_count(str(out), blocks) >= 1000, timeout=180)
     done = _ledger_count(str(out), blocks)
     assert 1000 <= done < blocks
     cfg = load_infer_config(args)

@@ -28,7 +28,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 SEGMENT_BATCHES = 4096  # id batches per Ray Data execution: what the driver holds of a plan at once
-TARGET_BATCH_BYTES = 64 << 20  # data per Ray Data block between stages
+TARGET_BATCH_BYTES = 16 << 20  # data per Ray Data block between stages (>= 1 MB as Ray Data advises; small enough
+# that big blocks go one per batch and the actors stay balanced)
 MAX_IDS_PER_BATCH = 1024
 
 
@@ -121,7 +122,7 @@ def _datasource(segment: list[np.ndarray]) -> Any:
     One block per read task keeps Ray Data from merging id batches into bigger blocks (a read task's output
     buffer merges what it yields up to `target_max_block_size`), so a batch is the unit of work downstream."""
     from ray.data import Datasource
-    from ray.data.block import BlockAccessor, BlockMetadata
+    from ray.data.block import BlockMetadata
     from ray.data.datasource import ReadTask
 
     class IdBatches(Datasource):

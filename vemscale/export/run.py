@@ -55,7 +55,7 @@ class ExportConfig(StageConfig):
     shard_voxels: int = Field(2**25, ge=1)  # voxels per shard of a sharded layer (rounded to 2^k chunks)
     task_voxels: int = Field(2**24, ge=1)  # voxels per Ray task (rounded to whole write chunks)
     max_in_flight: int | None = Field(None, ge=1)  # tasks at once per step; default: as many as the cluster's CPUs
-    blocks_per_batch: int | None = Field(None, ge=1)  # block ids per Ray Data block; default ~64 MiB, >= 4 per CPU
+    blocks_per_batch: int | None = Field(None, ge=1)  # block ids per Ray Data block; default ~16 MiB, >= 4 per CPU
     overwrite: bool = False
 
     @field_validator("classes", mode="before")

@@ -57,7 +57,7 @@ class InferConfig(StageConfig):
     read_tasks: int = Field(2, ge=1)  # read tasks at once (block + halo from the input)
     write_tasks: int = Field(2, ge=1)  # write tasks at once
     io_cpus: Literal["auto"] | float = "auto"  # Ray CPUs per read/write task; auto: 0 when the actors take every CPU
-    blocks_per_batch: Literal["auto"] | int = "auto"  # block ids per Ray Data block; auto: ~64 MiB, >= 4 per actor
+    blocks_per_batch: Literal["auto"] | int = "auto"  # block ids per Ray Data block; auto: ~16 MiB, >= 4 per actor
     num_gpus_per_worker: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs, else 0
     overwrite: bool = False  # replace an existing output (and its ledger) instead of resuming
     progress: bool = True  # a progress bar over blocks on stderr

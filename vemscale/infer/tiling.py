@@ -217,7 +217,7 @@ def xy_tiles(read: Reader, box: tuple[slice, slice, slice], volume_shape: tuple[
 
 def assemble_xy(plane: PlaneTiles, cores: np.ndarray) -> np.ndarray:
     """Tile cores (N, K, core, core) -> probabilities (K, z, y, x) of the box."""
-    n, k, s = cores.shape[0], cores.shape[1], cores.shape[-1]
+    k, s = cores.shape[1], cores.shape[-1]
     grid = cores.reshape(plane.nz, plane.ny, plane.nx, k, s, s).transpose(3, 0, 1, 4, 2, 5)
     canvas = grid.reshape(k, plane.nz, plane.ny * s, plane.nx * s)
     return canvas[:, :, plane.crop[0], plane.crop[1]]
