@@ -174,6 +174,7 @@ def _infer_scores_like_validation(tmp_path: Path, ckpt: Path, val_iou: float) ->
     assert abs(scores["mean_iou"] - val_iou) <= 0.01
 
 
+@pytest.mark.slow  # ~1 min, almost all Ray Train start-up; the default suite must stay under 15 min
 def test_multiclass_finetune_runs(tmp_path):
     cfg = _write_config(
         tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),

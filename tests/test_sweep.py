@@ -269,6 +269,7 @@ def test_sweep_failed_trial_then_resume(vnc_crop, tmp_path):
     print(f"sweep with a killed worker: {first_s:.0f} s; resume: {resume_s:.0f} s")
 
 
+@pytest.mark.slow  # ~1 min of Ray Tune/Train start-up on 2 cores; the default suite must stay under 15 min
 def test_asha_stops_the_weak_trial(vnc_crop, tmp_path):
     """ASHA on the training loss, one trial at a time: the arm that learns (AdamW, lr 1e-3) sets the rungs, the arm
     that barely moves (lr 1e-7, same seed, so the same crops and init) is stopped at the first rung and reported
