@@ -224,9 +224,10 @@ class Ledger:
         return bool(np.isin(index, self.done_in_shard(int(index) // SHARD)))
 
     def payloads(self, num_blocks: int) -> Iterator[tuple[int, bytes]]:
-        """(id, payload) of every done block, one shard's values at a time (for reductions over a resumed run)."""
+        """(id, payload) of every done block in increasing id, one shard's values at a time (for reductions over a
+        resumed run)."""
         for shard in range(-(-num_blocks // SHARD)):
-            entries = self._ranges(self._list(shard).result())
+            entries = sorted(self._ranges(self._list(shard).result()))  # listings come in no particular order
             prefix = self._prefix(shard)
             futures = [(a, b, self.kv.read(prefix + name)) for a, b, name in entries]
             for a, b, fut in futures:
@@ -236,3 +237,24 @@ class Ledger:
                 for i, p in zip(range(a, b), decode_payloads(bytes(res.value), b - a)):
                     if i < num_blocks:
                         yield i, p
+
+
+def volume_identity(vol: Any) -> dict[str, Any]:
+    """What names a volume's content for the ledger: URL, shape, dtype, and (local files) the metadata's mtime;
+    a vemscale infer output adds its ledger generation, so a re-inferred prediction is scored afresh."""
+    import os
+
+    from vemscale.io.urls import parse_url
+
+    out: dict[str, Any] = {"url": vol.url, "shape": list(vol.shape), "dtype": str(vol.dtype)}
+    parsed = parse_url(vol.url)
+    if not parsed.remote:
+        path = parsed.location
+        for name in ("", ".zarray", "zarr.json", "info", "attributes.json", "0/.zarray", "0/zarr.json"):
+            p = os.path.join(path, name) if name else path
+            if os.path.isfile(p):
+                out.setdefault("mtimes", {})[name or "file"] = os.stat(p).st_mtime_ns
+        ledger = os.path.join(os.path.dirname(path.rstrip("/")), LEDGER_DIR, "ledger.json")
+        if os.path.isfile(ledger):
+            out["producer"] = json.loads(open(ledger).read()).get("generation")
+    return out

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vemscale.blocks.grid import BlockGrid
-from vemscale.blocks.ledger import LEDGER_DIR
+from vemscale.blocks.ledger import LEDGER_DIR, volume_identity
 from vemscale.errors import UserError
 from vemscale.eval import metrics
 from vemscale.io.volume import Volume, open_volume, parse_voxel_size
@@ -286,7 +286,7 @@ def evaluate(
 
     job = _BlockJob(pred_labels, truth_labels, grid, k, sampling, cap, halo, mfd_per_slice)
     log.info("evaluating %s vs %s: region %s in %d blocks of %s", pv.url, tv.url, region_shape, grid.num_blocks, blocks)
-    describe = {"version": 1, "pred": _identity(pv), "truth": _identity(tv), "grid": grid.to_dict(), "k": k,
+    describe = {"version": 1, "pred": volume_identity(pv), "truth": volume_identity(tv), "grid": grid.to_dict(), "k": k,
                 "sampling": sampling, "cap": cap, "halo": halo, "per_slice": mfd_per_slice, "threshold": threshold,
                 "argmax": multi}
     sums, run = _run(job, describe, run_dir)
@@ -331,27 +331,6 @@ def evaluate(
         "seconds": round(time.monotonic() - t0, 3),
     }
     return result
-
-
-def _identity(vol: Volume) -> dict[str, Any]:
-    """What names a volume's content for the ledger: URL, shape, dtype, and (local files) the metadata's mtime;
-    a vemscale infer output adds its ledger generation, so a re-inferred prediction is scored afresh."""
-    import os
-
-    from vemscale.io.urls import parse_url
-
-    out: dict[str, Any] = {"url": vol.url, "shape": list(vol.shape), "dtype": str(vol.dtype)}
-    parsed = parse_url(vol.url)
-    if not parsed.remote:
-        path = parsed.location
-        for name in ("", ".zarray", "zarr.json", "info", "attributes.json", "0/.zarray", "0/zarr.json"):
-            p = os.path.join(path, name) if name else path
-            if os.path.isfile(p):
-                out.setdefault("mtimes", {})[name or "file"] = os.stat(p).st_mtime_ns
-        ledger = os.path.join(os.path.dirname(path.rstrip("/")), LEDGER_DIR, "ledger.json")
-        if os.path.isfile(ledger):
-            out["producer"] = json.loads(open(ledger).read()).get("generation")
-    return out
 
 
 def _run(job: _BlockJob, describe: dict[str, Any], run_dir: str | Path | None) -> tuple[np.ndarray, dict[str, Any]]:

@@ -1,0 +1,159 @@
+"""`vemscale instances`: ids across blocks equal a whole-volume cc3d (any blocks, any workers), the object table
+equals scikit-image regionprops / marching cubes / a whole-object convex hull, and bad input fails before writing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from conftest import data_path
+from vemscale.errors import UserError
+from vemscale.io import create_ome_zarr, open_volume
+from vemscale.objects.run import InstancesConfig, run_instances
+
+SHAPE = (40, 150, 170)
+VOXEL = (5.0, 5.0, 40.0)  # x,y,z nm
+
+
+def reference_instances(classes: np.ndarray, connectivity: int, min_voxels: int) -> np.ndarray:
+    """Whole-volume cc3d, small objects removed (cc3d.dust), renumbered in scan order (fastremap)."""
+    import cc3d
+    import fastremap
+
+    lab = cc3d.connected_components(classes, connectivity=connectivity)
+    if min_voxels:
+        lab = cc3d.dust(lab, threshold=min_voxels, connectivity=connectivity, in_place=False)
+    out, _ = fastremap.renumber(lab, preserve_zero=True, in_place=False)
+    return out.astype(np.uint64)
+
+
+def reference_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Class 1..C where p >= threshold (p stored as round(p*255)); the largest passing probability wins."""
+    cut = int(np.ceil(threshold * 255))
+    passing = probs >= cut
+    best = np.argmax(np.where(passing, probs.astype(np.int32), -1), axis=0) + 1
+    return np.where(passing.any(axis=0), best, 0).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def probs(tmp_path_factory):
+    """Two classes of blobs of all sizes (smoothed noise), as a c,z,y,x uint8 OME-Zarr with class names."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    root = tmp_path_factory.mktemp("instances_src")
+    noise = ndimage.gaussian_filter(rng.random(SHAPE), (1.0, 3.0, 3.0))
+    noise = (noise - noise.min()) / (noise.max() - noise.min())
+    p = np.stack([np.clip((noise - 0.45) * 6, 0, 1), np.clip((0.5 - noise) * 5, 0, 1)])
+    p = np.rint(p * 255).astype(np.uint8)
+    url = str(root / "probs.zarr")
+    create_ome_zarr(url, p.shape, np.uint8, (1, 8, 64, 64), VOXEL, channel_names=["mito", "vesicle"])[...].write(p).result()
+    return {"url": url, "p": p, "root": root}
+
+
+def _cfg(source: str, output: Path, **kw) -> InstancesConfig:
+    kw.setdefault("chunk", (8, 32, 32))
+    return InstancesConfig(source=source, output=str(output), run_dir=str(output) + "_run", progress=False, **kw)
+
+
+@pytest.mark.parametrize("block, workers", [((16, 64, 64), 1), ((16, 64, 64), 2), ((8, 96, 32), 1),
+                                            ((8, 96, 32), 2), ((40, 160, 192), 1), ((40, 160, 192), 2)])
+def test_ids_equal_whole_volume_cc3d_for_any_blocks_and_workers(probs, ray_local, tmp_path, block, workers):
+    min_nm3 = 20 * 5 * 5 * 40.0  # objects under 20 voxels go
+    cfg = _cfg(probs["url"], tmp_path / "out", classes=["mito", "vesicle"], block_shape=block, max_in_flight=workers,
+               min_size_nm3=min_nm3, connectivity=6 if workers == 2 else 26)
+    result = run_instances(cfg)
+    ref = reference_instances(reference_classes(probs["p"], 0.5), cfg.connectivity, 20)
+    seg = open_volume(str(tmp_path / "out" / "segmentation")).read()
+    assert seg.dtype == np.uint64
+    assert int(ref.max()) > 100  # enough objects, and many cross blocks, for the comparison to mean something
+    assert result["crossing_components"] > 20 or block == (40, 160, 192)
+    np.testing.assert_array_equal(seg, ref)
+    assert result["objects"] == int(ref.max())
+    table = pd.read_parquet(tmp_path / "out" / "objects")
+    assert table["id"].tolist() == list(range(1, int(ref.max()) + 1))  # one row per object, sorted by id
+    counts = np.bincount(ref.ravel().astype(np.int64))[1:]
+    np.testing.assert_array_equal(table["voxels"].to_numpy(), counts)
+    assert (table["voxels"] >= 20).all()
+    assert sum(result["per_class"].values()) == result["objects"]
+    assert (tmp_path / "out" / "plots" / "objects.png").stat().st_size > 5000
+
+
+def test_an_object_across_eight_blocks_is_one_object(ray_local, tmp_path):
+    from skimage.measure import marching_cubes, mesh_surface_area
+
+    zz, yy, xx = np.mgrid[:32, :64, :64]
+    # a ball of radius 160 nm at 10 x 10 x 20 nm voxels, centred on the corner that 8 blocks share
+    voxel = (10.0, 10.0, 20.0)
+    ball = ((zz - 15.5) / 8) ** 2 + ((yy - 31.5) / 16) ** 2 + ((xx - 31.5) / 16) ** 2 <= 1
+    tifffile.imwrite(tmp_path / "ball.tif", ball.astype(np.uint8))
+    result = run_instances(_cfg(str(tmp_path / "ball.tif"), tmp_path / "out", classes=["1"], voxel_size=voxel,
+                                block_shape=(16, 32, 32)))
+    assert result["objects"] == 1
+    row = pd.read_parquet(tmp_path / "out" / "objects").iloc[0]
+    assert row["voxels"] == int(ball.sum()) and row["blocks"] == 8 and not row["touches_edge"]
+    verts, faces, _, _ = marching_cubes(np.pad(ball, 1).astype(np.float32), 0.5, spacing=voxel[::-1])
+    assert row["surface_nm2"] == pytest.approx(mesh_surface_area(verts, faces), rel=1e-3)
+    print("ball sphericity", row["sphericity"], "solidity", row["solidity"])
+    assert 0.85 < row["sphericity"] <= 1.0 and 0.85 < row["solidity"] <= 1.0  # a 2:1 ellipsoid scores ~0.73
+
+
+def test_table_equals_regionprops_on_real_mitochondria(ray_local, tmp_path):
+    """Ground-truth mitochondria of the VNC stack: rows vs regionprops, marching cubes and whole-object hulls."""
+    import cc3d
+    from scipy.spatial import ConvexHull
+    from skimage.measure import marching_cubes, mesh_surface_area, regionprops
+
+    mito = tifffile.imread(data_path("vnc_drosophila_sstem", "train", "labels_mitochondria.tif"))[:12, :512, :512]
+    tifffile.imwrite(tmp_path / "mito.tif", mito)
+    voxel = (4.6, 4.6, 45.0)
+    run_instances(_cfg(str(tmp_path / "mito.tif"), tmp_path / "out", classes=["1"], voxel_size=voxel,
+                       block_shape=(8, 192, 128), chunk=(4, 64, 64)))
+    ref = cc3d.connected_components(mito, connectivity=26)
+    table = pd.read_parquet(tmp_path / "out" / "objects").set_index("id")
+    props = regionprops(ref)
+    assert len(table) == len(props) > 10
+    spacing = np.asarray(voxel[::-1])
+    for p in props:
+        row = table.loc[p.label]
+        assert row["voxels"] == p.area
+        assert (row["bbox_z0"], row["bbox_y0"], row["bbox_x0"], row["bbox_z1"], row["bbox_y1"], row["bbox_x1"]) == p.bbox
+        np.testing.assert_allclose([row["centroid_z"], row["centroid_y"], row["centroid_x"]], p.centroid, rtol=1e-9)
+        assert row["volume_nm3"] == pytest.approx(p.area * np.prod(voxel))
+        mask = np.pad(ref == p.label, 1).astype(np.float32)
+        verts, faces, _, _ = marching_cubes(mask, 0.5, spacing=tuple(spacing))
+        assert row["surface_nm2"] == pytest.approx(mesh_surface_area(verts, faces), rel=2e-2)
+        z, y, x = np.nonzero(ref == p.label)
+        corners = np.concatenate([np.stack([z + a, y + b, x + c], 1) for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        assert row["convex_volume_nm3"] == pytest.approx(ConvexHull(corners * spacing).volume, rel=1e-9)
+        touches = min(p.bbox[:3]) == 0 or any(hi == n for hi, n in zip(p.bbox[3:], mito.shape))
+        assert bool(row["touches_edge"]) == touches
+
+
+# --- bad input: each fails before anything is written ----------------------------------------------------------
+
+def test_bad_input_fails_before_writing(probs, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"no probabilities for class\(es\) \['nucleus'\].*\['mito', 'vesicle'\]"):
+        run_instances(_cfg(probs["url"], out, classes=["nucleus"]))
+    with pytest.raises(UserError, match="min_size_nm3 -1.0 must be >= 0"):
+        run_instances(_cfg(probs["url"], out, classes=["mito"], min_size_nm3=-1))
+    with pytest.raises(UserError, match="threshold"):
+        run_instances(_cfg(probs["url"], out, classes=["mito"], threshold=1.5))
+    with pytest.raises(UserError, match="whole multiple"):
+        run_instances(_cfg(probs["url"], out, classes=["mito"], block_shape=(8, 50, 64)))
+    with pytest.raises(UserError, match="does not exist|No such|not found"):
+        run_instances(_cfg(str(tmp_path / "missing.zarr"), out))
+    assert not out.exists()
+    other = tmp_path / "other"
+    create_ome_zarr(str(other / "segmentation"), (4, 8, 8), np.uint64, (4, 8, 8), VOXEL)
+    before = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    with pytest.raises(UserError, match="exists with shape"):
+        run_instances(_cfg(probs["url"], other, classes=["mito"]))
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before

@@ -1,0 +1,1 @@
+"""`vemscale instances`: objects (instances, per-object morphometrics) from a prediction, blockwise."""

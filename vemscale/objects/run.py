@@ -1,0 +1,176 @@
+"""`vemscale instances`: objects from a prediction: ids across blocks, a per-object table, plots.
+
+    vemscale instances configs/instances.yaml source=runs/pred output=runs/mito_objects classes=mitochondria
+    vemscale instances source=gt_labels.tif output=runs/gt_objects classes=1 voxel_size=4.6,4.6,45
+
+Every check a user can fail (source, classes, threshold, size, block shape, an existing output of another
+shape) raises before anything is written; then the passes of `vemscale.objects.pipeline` run on Ray, each
+resumable. The ids equal a whole-volume connected-components labelling (cc3d, same connectivity) of the
+thresholded classes, numbered in the order a C-order scan first meets each object, whatever `block_shape`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from vemscale.config import StageConfig, absolute_url, dump_config, load_config
+from vemscale.errors import UserError
+
+__all__ = ["InstancesConfig", "run_instances", "add_arguments", "run_cli"]
+
+log = logging.getLogger(__name__)
+
+
+class InstancesConfig(StageConfig):
+    """`vemscale instances`: connected objects per class, their ids, morphometrics and plots."""
+
+    run_dir: Path = Path("runs/instances")
+    source: str = Field(description="a vemscale infer output, c,z,y,x probabilities, or z,y,x class labels")
+    output: str = Field(description="output directory/URL: segmentation (OME-Zarr), objects/*.parquet, plots/")
+    classes: list[str] | None = None  # class names (labels without names: their values); default all foreground
+    threshold: float = 0.5  # probability a voxel needs to belong to a class (the most probable class wins)
+    min_size_nm3: float = 0.0  # objects smaller than this (voxels x voxel volume) are removed
+    connectivity: Literal[6, 18, 26] = 26  # voxel neighbourhood that joins voxels into one object (cc3d's)
+    voxel_size: tuple[float, float, float] | None = None  # x,y,z nm; default from the source
+    block_shape: tuple[int, int, int] = (64, 512, 512)  # z,y,x voxels per block (a whole number of chunks)
+    chunk: tuple[int, int, int] = (16, 128, 128)  # z,y,x chunks of the segmentation layer
+    max_in_flight: int | None = Field(None, ge=1)  # Ray tasks at once per pass; default 2 x the cluster's CPUs
+    blocks_per_batch: int | None = Field(None, ge=1)
+    keep_scratch: bool = True  # keep the provisional labels, so a rerun with another min_size skips 2 passes
+    overwrite: bool = False
+    progress: bool = True
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)):
+            return [str(int(v))]
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return [str(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("voxel_size", "block_shape", "chunk", mode="before")
+    @classmethod
+    def _triple(cls, v: Any) -> Any:
+        return [p for p in v.replace(" ", "").split(",")] if isinstance(v, str) else v
+
+
+def _check(cfg: InstancesConfig) -> None:
+    if not 0.0 < cfg.threshold <= 1.0:
+        raise UserError(f"threshold {cfg.threshold} must be in (0, 1]: the probability a voxel needs")
+    if not math.isfinite(cfg.min_size_nm3) or cfg.min_size_nm3 < 0:
+        raise UserError(f"min_size_nm3 {cfg.min_size_nm3} must be >= 0 (a volume in cubic nanometres)")
+    if cfg.voxel_size is not None and min(cfg.voxel_size) <= 0:
+        raise UserError(f"voxel_size {cfg.voxel_size} must be positive x,y,z nm")
+
+
+def _check_output(output: str) -> None:
+    from vemscale.io.urls import parse_url
+
+    parsed = parse_url(output)
+    if parsed.driver not in (None, "zarr") or parsed.dataset is not None:
+        raise UserError(f"output {output!r} must be a directory or URL (OME-Zarr); export it to precomputed with "
+                        "vemscale export <output>/segmentation precomputed://...")
+    if not parsed.remote:
+        path = parsed.location
+        if os.path.isfile(path):
+            raise UserError(f"output {output!r} is a file; the output is a directory")
+        if os.path.isdir(path) and os.listdir(path) and not {".zattrs", "segmentation"} & set(os.listdir(path)):
+            raise UserError(f"output {output!r} is a non-empty directory that is not a vemscale instances output")
+
+
+def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
+    """Label objects of `cfg.classes` in `cfg.source` into `cfg.output`; returns counts, paths and timings."""
+    import tensorstore as ts
+
+    from vemscale.blocks.grid import BlockGrid
+    from vemscale.io.ome_zarr import create_ome_zarr
+    from vemscale.io.urls import join_url, kvstore_url, parse_url
+    from vemscale.objects.pipeline import SCRATCH_DIR, run_passes
+    from vemscale.objects.source import open_source
+    from vemscale.raycluster import ensure_ray
+
+    t_start = time.perf_counter()
+    _check(cfg)
+    source = open_source(cfg.source, cfg.classes, cfg.threshold)
+    output = absolute_url(cfg.output)
+    _check_output(output)
+    shape = source.shape
+    voxel = cfg.voxel_size or source.volume.voxel_size_xyz
+    if voxel is None:
+        raise UserError(f"{cfg.source!r} has no voxel size; pass voxel_size=x,y,z in nm (volumes and surfaces are in nm)")
+    voxel = [float(v) for v in voxel]
+    voxel_nm3 = voxel[0] * voxel[1] * voxel[2]
+    min_voxels = int(math.ceil(cfg.min_size_nm3 / voxel_nm3 - 1e-9)) if cfg.min_size_nm3 > 0 else 0
+    chunk = tuple(min(c, s) for c, s in zip(cfg.chunk, shape))
+    grid = BlockGrid.create(shape, chunk, cfg.block_shape, None, chunk_name="segmentation chunk")
+    # every check passed: create (or reopen) the layers
+    seg = create_ome_zarr(join_url(output, "segmentation"), shape, np.uint64, chunk, voxel,
+                          overwrite=cfg.overwrite, name="segmentation")
+    prov = create_ome_zarr(join_url(output, SCRATCH_DIR, "provisional"), shape, np.uint64, chunk, voxel,
+                           overwrite=cfg.overwrite, name="provisional")
+    kv = ts.KvStore.open(kvstore_url(parse_url(output)) + "/").result()
+    kv.write(".zgroup", json.dumps({"zarr_format": 2}).encode()).result()
+    meta = {"vemscale": {"kind": "instances", "classes": source.classes, "layers": {"segmentation": "segmentation"},
+                         "table": "objects", "source": source.volume.url, "threshold": cfg.threshold,
+                         "min_size_nm3": cfg.min_size_nm3, "connectivity": cfg.connectivity,
+                         "voxel_size_xyz": voxel}}
+    kv.write(".zattrs", json.dumps(meta, indent=2).encode()).result()
+    ensure_ray()
+    summary = run_passes(source, output, grid, prov.spec(minimal_spec=True).to_json(),
+                         seg.spec(minimal_spec=True).to_json(), voxel, cfg.connectivity, min_voxels,
+                         cfg.max_in_flight, cfg.blocks_per_batch, cfg.progress)
+    if not cfg.keep_scratch:
+        from vemscale.blocks.ledger import Ledger, ledger_url
+
+        for step in ("label", "faces"):  # their outputs go with the scratch: a rerun must recompute them
+            Ledger.invalidate(ledger_url(kvstore_url(parse_url(output)), step))
+        ts.KvStore.open(join_url(kvstore_url(parse_url(output)), SCRATCH_DIR) + "/").result() \
+            .delete_range(ts.KvStore.KeyRange()).result()
+    seconds = time.perf_counter() - t_start
+    result = {
+        "output": output, "segmentation": join_url(output, "segmentation"), "table": join_url(output, "objects"),
+        "plots": join_url(output, "plots", "objects.png"), "classes": source.classes, "shape": list(shape),
+        "voxel_size_xyz": voxel, "block_shape": list(grid.block_shape), "min_voxels": min_voxels, **summary,
+        "seconds": round(seconds, 3), "voxels_per_s": round(math.prod(shape) / seconds, 1),
+        "view": f"vemscale export {join_url(output, 'segmentation')} precomputed://<dest> --mesh --pyramid",
+    }
+    kv.write("summary.json", json.dumps(result, indent=2, default=str).encode()).result()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "instances_config.yaml")
+    log.info("instances: %d objects (%s) in %.1f s", summary["objects"], summary["per_class"], seconds)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", nargs="*", metavar="[CONFIG.yaml] key=value",
+                        help="an optional YAML config, then InstancesConfig keys such as source=... output=... "
+                             "classes=mitochondria min_size_nm3=1e6")
+
+
+def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    items = list(args.items)
+    path = items.pop(0) if items and items[0].endswith((".yaml", ".yml")) and "=" not in items[0] else None
+    urls = {}
+    rest = []
+    for item in items:  # source/output are set verbatim: override parsing would split URLs at commas
+        key, sep, value = item.partition("=")
+        if sep and key in ("source", "output"):
+            urls[key] = value
+        else:
+            rest.append(item)
+    cfg = load_config(InstancesConfig, path, rest + [f"{k}=placeholder" for k in urls])
+    for key, value in urls.items():
+        setattr(cfg, key, value)
+    return run_instances(cfg)
