@@ -103,6 +103,30 @@ def test_an_object_across_eight_blocks_is_one_object(ray_local, tmp_path):
     print("ball sphericity", row["sphericity"], "solidity", row["solidity"])
     assert 0.85 < row["sphericity"] <= 1.0 and 0.85 < row["solidity"] <= 1.0  # a 2:1 ellipsoid scores ~0.73
 
+    # exported with meshes in blocks of the same 8: one closed mesh, and the table's values as segment properties
+    import trimesh
+    import zmesh
+
+    from vemscale.export.run import ExportConfig, run_export
+
+    layer = tmp_path / "layer"
+    run_export(ExportConfig(source=str(tmp_path / "out" / "segmentation"), dest=str(layer), mesh=True, chunk=(16, 32, 32),
+                            task_voxels=16 * 32 * 32, mesh_reduction=10, run_dir=str(tmp_path / "export_run")))
+    manifest = json.loads((layer / "mesh" / "1:0").read_text())
+    assert manifest["fragments"] == ["1:0:merged"]
+    mesh = zmesh.Mesh.from_precomputed((layer / "mesh" / "1:0:merged").read_bytes())
+    closed = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert closed.is_watertight and closed.is_volume
+    assert closed.volume == pytest.approx(row["volume_nm3"], rel=0.1)  # the mesh encloses the object
+    fragments = [p for p in (layer / "mesh").iterdir() if p.name.startswith("1:0:") and p.name != "1:0:merged"]
+    assert len(fragments) == 8  # it really was meshed in 8 blocks
+    props = json.loads((layer / "segment_properties" / "info").read_text())["inline"]
+    assert props["ids"] == ["1"]
+    values = {p["id"]: p["values"][0] for p in props["properties"]}
+    assert values["label"] == "1 1" and values["voxels"] == row["voxels"]
+    assert values["volume_um3"] == pytest.approx(row["volume_nm3"] * 1e-9, rel=1e-5)
+    assert values["surface_um2"] == pytest.approx(row["surface_nm2"] * 1e-6, rel=1e-5)
+
 
 def test_table_equals_regionprops_on_real_mitochondria(ray_local, tmp_path):
     """Ground-truth mitochondria of the VNC stack: rows vs regionprops, marching cubes and whole-object hulls."""

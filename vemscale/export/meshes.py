@@ -6,11 +6,14 @@ Layout (what Neuroglancer and cloud-volume read)::
     <layer>/mesh/info            {"@type": "neuroglancer_legacy_mesh"}
     <layer>/mesh/<id>:0          manifest {"fragments": ["<id>:0:<x0>-<x1>_<y0>-<y1>_<z0>-<z1>", ...]}
     <layer>/mesh/<id>:0:<box>    one fragment per block the label occurs in (vertices in nm)
+    <layer>/mesh/<id>:0:merged   a label's fragments welded into one mesh (labels found in several blocks)
 
 Each block meshes one box of a scale (a whole number of its chunks) plus one voxel on the high sides,
 writes its fragments and leaves their names per label as its ledger payload; the driver writes the
-manifests from all payloads (so a resumed run lists the fragments of the blocks it skipped too). One mesh
-per label value: per class for class labels, per object for instance labels.
+manifests from all payloads (so a resumed run lists the fragments of the blocks it skipped too). A label
+with fragments in several blocks is then merged into one mesh (Ray tasks, `merge_fragments`): fragments
+share their seam vertices, so the weld closes it. One mesh per label value: per class for class labels, per
+object for instance labels.
 """
 
 from __future__ import annotations
@@ -60,6 +63,61 @@ def mesh_block_task(box: Box, seg_spec: dict[str, Any], mesh_kv: str, voxel_size
     for f in futures:
         f.result()
     return json.dumps(names).encode()
+
+
+def weld(mesh: Any, digits: int = 2) -> Any:
+    """Join vertices that coincide (to 10^-digits nm) and drop faces that collapse: block fragments share their
+    seam vertices exactly (marching cubes on the same lattice; the simplifier keeps open borders), so the welded
+    object mesh is closed where the object is."""
+    import numpy as np
+    import zmesh
+
+    keys = np.round(mesh.vertices.astype(np.float64), digits)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    faces = inverse.reshape(-1)[mesh.faces]
+    good = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    return zmesh.Mesh(uniq.astype(np.float32), faces[good].astype(np.uint32), None)
+
+
+def merge_label_batch(labels: list[int], names: list[list[str]], mesh_kv: str) -> list[str]:
+    """One mesh per label from its block fragments (read, concatenated, welded), written as `<id>:0:merged`."""
+    import zmesh
+
+    kv = ts.KvStore.open(mesh_kv).result()
+    out = []
+    for label, frags in zip(labels, names):
+        reads = [kv.read(n) for n in frags]
+        parts = [zmesh.Mesh.from_precomputed(bytes(r.result().value)) for r in reads]
+        mesh = weld(zmesh.Mesh.concatenate(*parts))
+        name = f"{label}:0:merged"
+        kv.write(name, mesh.to_precomputed()).result()
+        out.append(name)
+    return out
+
+
+def merge_fragments(mesh_kv: str, fragments: dict[int, list[str]], max_in_flight: int | None = None,
+                    labels_per_task: int = 256) -> dict[int, str]:
+    """Merge the fragments of every label that has more than one (Ray tasks); returns label -> merged name.
+    Neuroglancer then draws an object crossing many blocks as one closed mesh."""
+    import ray
+
+    multi = sorted(label for label, names in fragments.items() if len(names) > 1)
+    if not multi:
+        return {}
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = max_in_flight or 2 * cpus
+    remote = ray.remote(num_cpus=1, max_retries=3)(merge_label_batch)
+    done: dict[int, str] = {}
+    in_flight: dict[Any, list[int]] = {}
+    for lo in range(0, len(multi), labels_per_task):
+        if len(in_flight) >= limit:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            done.update(zip(in_flight.pop(ready[0]), ray.get(ready[0])))
+        batch = multi[lo: lo + labels_per_task]
+        in_flight[remote.remote(batch, [sorted(fragments[b]) for b in batch], mesh_kv)] = batch
+    for ref, batch in in_flight.items():
+        done.update(zip(batch, ray.get(ref)))
+    return done
 
 
 def auto_mesh_scale(info: dict[str, Any]) -> int:
@@ -112,7 +170,9 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
         for label, name in json.loads(p).items():
             fragments.setdefault(int(label), []).append(name)
     n = grid.num_blocks
-    futures = [kv.write(f"{label}:0", json.dumps({"fragments": sorted(names)}).encode())
+    t_merge = time.perf_counter()
+    merged = merge_fragments(mesh_kv, fragments, max_in_flight)
+    futures = [kv.write(f"{label}:0", json.dumps({"fragments": [merged[label]] if label in merged else sorted(names)}).encode())
                for label, names in fragments.items()]
     futures.append(kv.write("info", json.dumps({"@type": "neuroglancer_legacy_mesh"}).encode()))
     for f in futures:
@@ -122,6 +182,7 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
     log.info("meshes: %d labels, %d fragments from %d blocks in %.1f s", len(fragments),
              sum(map(len, fragments.values())), n, seconds)
     return {"labels": len(fragments), "fragments": int(sum(map(len, fragments.values()))), "blocks": n,
+            "merged_labels": len(merged), "merge_seconds": round(time.perf_counter() - t_merge, 3),
             "computed": summary["computed"], "skipped": summary["skipped"], "scale": scale_index,
             "seconds": round(seconds, 3)}
 

@@ -99,7 +99,11 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
                               "blocks": {"scale0": {k: scale0[k] for k in ("blocks", "computed", "skipped")}}}
     if seg and cfg.properties:
         t0 = time.perf_counter()
-        props = write_segment_properties(url, cfg.classes, counts)
+        from vemscale.config import absolute_url
+        from vemscale.export.properties import instance_table
+
+        table = instance_table(absolute_url(cfg.source))  # a vemscale instances output: its table's columns
+        props = write_segment_properties(url, cfg.classes, counts, table_url=table)
         timings["properties_s"] = time.perf_counter() - t0
         result["segments"] = len(props["inline"]["ids"])
     if cfg.pyramid:
