@@ -160,6 +160,48 @@ def test_table_equals_regionprops_on_real_mitochondria(ray_local, tmp_path):
         assert bool(row["touches_edge"]) == touches
 
 
+def _done(output: Path, step: str) -> int:
+    """Blocks the step's ledger marks done (its current generation), read from the files."""
+    meta = json.loads((output / ".vemscale-ledger" / step / "ledger.json").read_text())
+    gen = output / ".vemscale-ledger" / step / str(meta["generation"])
+    total = 0
+    for key in gen.rglob("*-*"):
+        lo, hi = key.name.split("-")
+        total += int(hi) - int(lo)
+    return total
+
+
+def test_killed_run_resumes_and_another_min_size_reruns_only_the_last_passes(probs, ray_local, tmp_path):
+    from conftest import kill_cli_when
+
+    out = tmp_path / "out"
+    args = {"classes": "mito,vesicle", "block_shape": "8,64,64", "chunk": "8,32,32", "blocks_per_batch": 1,
+            "max_in_flight": 1, "progress": "false"}
+    cmd = ["instances", f"source={probs['url']}", f"output={out}", f"run_dir={tmp_path / 'run'}",
+           *[f"{k}={v}" for k, v in args.items()]]
+    kill_cli_when(cmd, lambda: (out / ".vemscale-ledger" / "relabel" / "ledger.json").exists()
+                  and _done(out, "relabel") >= 3, timeout=180, poll=0.01)
+    done = _done(out, "relabel")
+    blocks = 5 * 3 * 3
+    assert 3 <= done < blocks, "the kill should land inside the relabel pass"
+    cfg = _cfg(probs["url"], out, classes=["mito", "vesicle"], block_shape=(8, 64, 64), blocks_per_batch=1)
+    resumed = run_instances(cfg)
+    b = resumed["blocks"]
+    assert b["label"]["computed"] == 0 and b["faces"]["computed"] == 0
+    assert (b["relabel"]["computed"], b["relabel"]["skipped"]) == (blocks - done, done)
+    ref = reference_instances(reference_classes(probs["p"], 0.5), 26, 0)
+    np.testing.assert_array_equal(open_volume(str(out / "segmentation")).read(), ref)
+    assert len(pd.read_parquet(out / "objects")) == int(ref.max())
+
+    again = run_instances(cfg.model_copy(update={"min_size_nm3": 50 * 5 * 5 * 40.0}))
+    b = again["blocks"]
+    assert b["label"]["computed"] == b["faces"]["computed"] == 0 and b["relabel"]["computed"] == blocks
+    ref = reference_instances(reference_classes(probs["p"], 0.5), 26, 50)
+    np.testing.assert_array_equal(open_volume(str(out / "segmentation")).read(), ref)
+    table = pd.read_parquet(out / "objects")
+    assert table["id"].tolist() == list(range(1, int(ref.max()) + 1))  # no row of the earlier table is left
+
+
 # --- bad input: each fails before anything is written ----------------------------------------------------------
 
 def test_bad_input_fails_before_writing(probs, tmp_path):
@@ -181,3 +223,53 @@ def test_bad_input_fails_before_writing(probs, tmp_path):
     with pytest.raises(UserError, match="exists with shape"):
         run_instances(_cfg(probs["url"], other, classes=["mito"]))
     assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
+
+
+# --- real data, the whole user path: fine-tune, infer, instances, score against ground-truth objects -------------
+
+@pytest.mark.slow  # ~4 min on 2 cores (fine-tuning); BENCHMARKS.md records its F1
+def test_vnc_mitochondria_objects_from_a_finetuned_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def cli(*args: str, timeout: int = 900) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        r = subprocess.run([sys.executable, "-m", "vemscale.cli", *args, "--json"], capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=timeout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    vnc = data_path("vnc_drosophila_sstem", "train")
+    ft = cli("finetune", "configs/finetune_vnc_mito.yaml", "train.iterations=300", "train.batch_size=4",
+             "train.val_every=300", "train.checkpoint_every=300", f"run_dir={tmp_path / 'ft'}")
+    cli("infer", "configs/infer.yaml", f"input={vnc / 'image.tif'}", f"output={tmp_path / 'pred'}",
+        f"checkpoint={ft['checkpoint']}", "roi=16:20,0:1024,0:1024", "block_shape=4,512,512", "output_chunks=4,128,128",
+        "write=both", "progress=false", f"run_dir={tmp_path / 'infer'}")
+    size = "min_size_nm3=2e6"  # ~2,000 voxels at 4.6 x 4.6 x 50 nm: the smallest mitochondria of the labels are larger
+    pred = cli("instances", "configs/instances.yaml", f"source={tmp_path / 'pred'}", f"output={tmp_path / 'objects'}",
+               "classes=mitochondria", size, "voxel_size=4.6,4.6,50", "block_shape=4,256,256", "chunk=4,128,128", "progress=false",
+               f"run_dir={tmp_path / 'inst'}")
+    truth = cli("instances", f"source={vnc / 'labels_mitochondria.tif'}", f"output={tmp_path / 'truth'}", "classes=1",
+                "voxel_size=4.6,4.6,50", "block_shape=4,256,256", "chunk=4,128,128", "progress=false",
+                f"run_dir={tmp_path / 'inst_truth'}")
+    # trivial baseline: dark blobs (mitochondria are dark in ssTEM): the smoothed image's darkest 5.4 % (the
+    # mitochondria's share of voxels), the same size filter
+    from scipy import ndimage
+
+    em = ndimage.gaussian_filter(tifffile.imread(vnc / "image.tif").astype(np.float32), (0, 4, 4))
+    dark = (em < np.quantile(em[16:20], 0.054)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "dark.tif", dark)
+    cli("instances", f"source={tmp_path / 'dark.tif'}", f"output={tmp_path / 'dark'}", "classes=1", size,
+        "voxel_size=4.6,4.6,50", "block_shape=4,256,256", "chunk=4,128,128", "progress=false",
+        f"run_dir={tmp_path / 'inst_dark'}")
+    scores = cli("evaluate", "--pred", str(tmp_path / "objects" / "segmentation"), "--truth",
+                 str(tmp_path / "truth" / "segmentation"), "--instances", "--slices", "16:20")
+    base = cli("evaluate", "--pred", str(tmp_path / "dark" / "segmentation"), "--truth",
+               str(tmp_path / "truth" / "segmentation"), "--instances", "--slices", "16:20")
+    print(f"VNC mitochondria objects, slices 16-19: F1@0.5 {scores['f1@0.5']:.3f} (dark-voxel baseline "
+          f"{base['f1@0.5']:.3f}), F1@0.75 {scores['f1@0.75']:.3f}, AP {scores['ap_50_95']:.3f}, PQ {scores['pq']:.3f}, "
+          f"{scores['objects_pred']} predicted / {scores['objects_truth']} true objects; {pred['objects']} objects")
+    assert truth["objects"] > 20 and scores["objects_truth"] > 20
+    assert scores["f1@0.5"] >= 0.5 and scores["f1@0.5"] > base["f1@0.5"] + 0.2

@@ -110,6 +110,9 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
     if voxel is None:
         raise UserError(f"{cfg.source!r} has no voxel size; pass voxel_size=x,y,z in nm (volumes and surfaces are in nm)")
     voxel = [float(v) for v in voxel]
+    if cfg.voxel_size is None and voxel == [1.0, 1.0, 1.0]:
+        log.warning("%s says its voxels are 1 x 1 x 1 nm (often a placeholder for 'unknown'); volumes and surfaces "
+                    "are in those units. Pass voxel_size=x,y,z if that is not the real size", cfg.source)
     voxel_nm3 = voxel[0] * voxel[1] * voxel[2]
     min_voxels = int(math.ceil(cfg.min_size_nm3 / voxel_nm3 - 1e-9)) if cfg.min_size_nm3 > 0 else 0
     chunk = tuple(min(c, s) for c, s in zip(cfg.chunk, shape))
