@@ -31,7 +31,17 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _stage_of(argv: list[str]) -> str | None:
+    """The stage named on the command line (the first argument that is not an option), if any."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in STAGES else None
+    return None
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `stage`'s module is imported (all of them when None), so `vemscale --help` stays fast and
+    a stage whose module fails to import fails loudly when it is used, instead of vanishing from the list."""
     parser = argparse.ArgumentParser(prog="vemscale", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
@@ -39,19 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         p.set_defaults(_module=module)
-        try:
+        if stage is None or name == stage:
             importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError as err:  # a stage whose module is not there yet is left out
-            if err.name and err.name.startswith("vemscale"):
-                sub._name_parser_map.pop(name, None)
-                sub.choices.pop(name, None)
-                continue
-            raise
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_stage_of(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
