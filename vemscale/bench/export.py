@@ -12,13 +12,14 @@ Usage: python -m vemscale.bench.export [--shape 32,2048,2048] [--mesh-reduction 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from vemscale.bench import emit
 
 DATA = Path(os.environ.get("VEMSCALE_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 VOXEL = (4.6, 4.6, 50.0)
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pyramid + mesh: {pyr_mesh / gvox:.0f} s/GVoxel = {pyr_mesh / baseline:.2f}x the baseline write")
     print(f"whole export (scale 0 + properties + pyramid + meshes): {result['export_s']:.1f} s = "
           f"{result['ratio_export_to_baseline']:.2f}x the baseline write")
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from vemscale.bench import emit
+
 from vemscale.bench.scale import DATA, RssSampler
 
 
@@ -114,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for section in [s.strip() for s in args.sections.split(",") if s.strip()]:
             result[section] = {"speed": speed, "table": table}[section](root, args.quick)
             print(f"{section}: {json.dumps(result[section])}", flush=True)
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
-    return 0
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from vemscale.bench import emit
+
 DATA = Path(os.environ.get("VEMSCALE_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -341,10 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             r = results["export"] = export(root, shape)
             print(f"export: scale 0 + pyramid + meshes = {r['ratio_export_to_baseline']}x one tensorstore write",
                   flush=True)
-    print(json.dumps(results))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    return 0
+    return emit(results, args.json_out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Layout of an output::
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -33,7 +32,7 @@ import numpy as np
 import tensorstore as ts
 
 from vemscale.blocks.grid import BlockGrid, Box
-from vemscale.blocks.ledger import LEDGER_DIR, Ledger, ledger_url, volume_identity
+from vemscale.blocks.ledger import Ledger, ledger_url, volume_identity
 from vemscale.blocks.runner import Stage, run_blocks
 from vemscale.export.steps import open_spec, run_step
 from vemscale.io.urls import join_url, kvstore_url, parse_url

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["class_image", "label_block", "face_pairs", "neighbourhood", "split_touching"]
+__all__ = ["class_image", "label_block", "keys_of", "face_pairs", "neighbourhood"]
 
 
 def class_image(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
@@ -32,27 +32,6 @@ def class_image(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     best = np.argmax(np.where(passing, probs.astype(np.int16), -1), axis=0)
     out = (best + 1).astype(np.uint8)
     out[~passing.any(axis=0)] = 0
-    return out
-
-
-def split_touching(classes: np.ndarray, sampling_zyx: Sequence[float], seed_distance_nm: float,
-                   connectivity: int) -> np.ndarray:
-    """Split touching objects: seeds are the components of {distance to background >= seed_distance_nm} and every
-    foreground voxel joins the seed a watershed on the inverted distance reaches first (same class only).
-
-    Returns int64 labels (0 = background). A component without any seed keeps one label."""
-    import cc3d
-    from scipy import ndimage
-    from skimage.segmentation import watershed
-
-    fg = classes > 0
-    dist = ndimage.distance_transform_edt(fg, sampling=sampling_zyx)
-    seeds = cc3d.connected_components(np.where(dist >= seed_distance_nm, classes, 0), connectivity=connectivity)
-    comps = cc3d.connected_components(classes, connectivity=connectivity)
-    out = watershed(-dist, markers=seeds.astype(np.int64), mask=fg, connectivity=1 if connectivity == 6 else 3)
-    unseeded = fg & (out == 0)
-    if unseeded.any():  # components without a seed: one label each, after the seeds' labels
-        out[unseeded] = comps[unseeded].astype(np.int64) + int(seeds.max())
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["block_partials", "merge_partials", "finish_rows", "surface_areas", "hull_corners", "TABLE_COLUMNS"]
+__all__ = ["block_partials", "partials_to_table", "finish_rows", "surface_areas", "hull_corners", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ["id", "class", "voxels", "volume_nm3", "surface_nm2", "sphericity", "convex_volume_nm3", "solidity",
                  "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1", "centroid_z", "centroid_y",
@@ -148,33 +148,6 @@ def partials_to_table(part: dict[str, Any]) -> Any:
         cols[f"sum_{name}"] = part["sums"][:, a]
     cols["corners"] = pa.array([c.ravel() for c in part["corners"]], pa.list_(pa.int64()))
     return pa.table(cols)
-
-
-def merge_partials(rows: Any, voxel_size_xyz: Sequence[float]) -> dict[str, Any]:
-    """One object's partial rows (a pandas DataFrame, one row per block) -> its merged raw sums."""
-    rows = rows.drop_duplicates(subset="block")  # a block recomputed after a kill wrote its partials twice
-    with_voxels = rows[rows["voxels"] > 0]
-    corners = np.concatenate([np.asarray(c, np.int64).reshape(-1, 3) for c in rows["corners"]]) \
-        if len(rows) else np.zeros((0, 3), np.int64)
-    return {
-        "id": int(rows["id"].iloc[0]), "class": int(rows["class"].max()), "voxels": int(rows["voxels"].sum()),
-        "surface": float(rows["surface"].sum()), "blocks": int(len(with_voxels)),
-        **{f"lo_{a}": int(with_voxels[f"lo_{a}"].min()) for a in "zyx"},
-        **{f"hi_{a}": int(with_voxels[f"hi_{a}"].max()) for a in "zyx"},
-        **{f"sum_{a}": float(rows[f"sum_{a}"].sum()) for a in "zyx"},
-        "hull_nm3": _hull_volume(corners, voxel_size_xyz),
-    }
-
-
-def _hull_volume(corners: np.ndarray, voxel_size_xyz: Sequence[float]) -> float:
-    from scipy.spatial import ConvexHull
-
-    if len(corners) < 4:
-        return float("nan")
-    try:
-        return float(ConvexHull(corners * np.asarray(voxel_size_xyz[::-1], np.float64)).volume)
-    except Exception:
-        return float("nan")
 
 
 def finish_rows(merged: dict[str, np.ndarray], voxel_size_xyz: Sequence[float], volume_shape: Sequence[int],
