@@ -204,6 +204,7 @@ def _train_workers(pid: int):
     return out
 
 
+@pytest.mark.slow  # ~2.5 min of Ray Tune/Train start-ups (4 trials + a resume); the default suite must stay under 15 min
 def test_sweep_failed_trial_then_resume(vnc_crop, tmp_path):
     run_dir = tmp_path / "sweep"
     cfg = _sweep_yaml(tmp_path / "s.yaml", run_dir=str(run_dir), base=str(vnc_crop["base"]),
