@@ -62,10 +62,9 @@ def instance_table(source_url: str) -> str | None:
     if parsed.dataset is not None or parsed.driver not in (None, "zarr"):
         return None
     parent = kvstore_url(parsed).rstrip("/").rsplit("/", 1)[0] + "/"
-    res = ts.KvStore.open(parent).result().read(".zattrs").result()
-    if res.state != "value":
-        return None
-    meta = json.loads(bytes(res.value)).get("vemscale") or {}
+    from vemscale.io.ome_zarr import read_json
+
+    meta = (read_json(ts.KvStore.open(parent).result(), ".zattrs") or {}).get("vemscale") or {}
     if meta.get("kind") != "instances" or os.path.basename(source_url.rstrip("/")) != "segmentation":
         return None
     return join_url(parent, meta.get("table", "objects"))

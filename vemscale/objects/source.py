@@ -8,7 +8,6 @@ truth). Class names come from the infer output's attributes; a volume without th
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,18 +25,15 @@ __all__ = ["ClassSource", "open_source"]
 
 def _attrs(url: str) -> dict[str, Any]:
     """The .zattrs of a zarr group ({} when there is none)."""
+    import tensorstore as ts
+
+    from vemscale.io.ome_zarr import read_json
+    from vemscale.io.urls import kvstore_url
+
     parsed = parse_url(url)
-    if parsed.remote:
-        import tensorstore as ts
-
-        from vemscale.io.urls import kvstore_url
-
-        res = ts.KvStore.open(kvstore_url(parsed)).result().read(".zattrs").result()
-        attrs = json.loads(bytes(res.value)) if res.state == "value" else None
-    else:
-        path = os.path.join(parsed.location, ".zattrs")
-        attrs = json.loads(open(path).read()) if os.path.isfile(path) else None
-    return attrs or {}
+    if not parsed.remote and not os.path.isdir(parsed.location):
+        return {}
+    return read_json(ts.KvStore.open(kvstore_url(parsed).rstrip("/") + "/").result(), ".zattrs") or {}
 
 
 def _infer_attrs(url: str) -> dict[str, Any] | None:

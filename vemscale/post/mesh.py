@@ -8,23 +8,22 @@ layer's coordinates (voxel i spans [i, i+1) * voxel size, as Neuroglancer draws 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["mesh_block"]
+__all__ = ["block_meshes", "mesh_block"]
 
 
-def mesh_block(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
-               pad_low: Sequence[bool] = (False, False, False), pad_high: Sequence[bool] = (False, False, False),
-               reduction_factor: int = 0, max_error_nm: float | None = None,
-               ids: Iterable[int] | None = None) -> dict[int, bytes]:
-    """Mesh every non-zero label of an x,y,z block whose first voxel is `offset_xyz` of the volume.
+def block_meshes(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
+                 pad_low: Sequence[bool] = (False, False, False), pad_high: Sequence[bool] = (False, False, False),
+                 reduction_factor: int = 0, max_error_nm: float | None = None,
+                 ids: Iterable[int] | None = None) -> Iterator[tuple[int, Any]]:
+    """(label, zmesh.Mesh in the volume's nm coordinates) for every non-zero label of an x,y,z block whose first
+    voxel is `offset_xyz`, with a non-empty mesh.
 
     `pad_low`/`pad_high` say on which sides the block touches the volume's edge (closed there).
-    `reduction_factor` > 1 simplifies (triangle count / factor, within `max_error_nm`). Returns
-    {label: legacy precomputed fragment bytes} for labels with a non-empty mesh.
-    """
+    `reduction_factor` > 1 simplifies (triangle count / factor, within `max_error_nm`)."""
     import zmesh
 
     pad = [(int(lo), int(hi)) for lo, hi in zip(pad_low, pad_high)]
@@ -37,17 +36,26 @@ def mesh_block(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_x
     mesher = zmesh.Mesher(tuple(float(r) for r in res))
     mesher.mesh(data, close=False)
     wanted = None if ids is None else {int(i) for i in ids}
-    out: dict[int, bytes] = {}
-    for label in mesher.ids():
-        if label == 0 or (wanted is not None and int(label) not in wanted):
+    try:
+        for label in mesher.ids():
+            if label == 0 or (wanted is not None and int(label) not in wanted):
+                mesher.erase(label)
+                continue
+            mesh = mesher.get(label, normals=False, reduction_factor=int(reduction_factor),
+                              max_error=max_error_nm if reduction_factor > 1 else None, voxel_centered=True)
             mesher.erase(label)
-            continue
-        mesh = mesher.get(label, normals=False, reduction_factor=int(reduction_factor),
-                          max_error=max_error_nm if reduction_factor > 1 else None, voxel_centered=True)
-        mesher.erase(label)
-        if len(mesh.faces) == 0:
-            continue
-        mesh.vertices = (mesh.vertices.astype(np.float64) + shift).astype(np.float32)
-        out[int(label)] = mesh.to_precomputed()
-    mesher.clear()
-    return out
+            if len(mesh.faces) == 0:
+                continue
+            mesh.vertices = (mesh.vertices.astype(np.float64) + shift).astype(np.float32)
+            yield int(label), mesh
+    finally:
+        mesher.clear()
+
+
+def mesh_block(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
+               pad_low: Sequence[bool] = (False, False, False), pad_high: Sequence[bool] = (False, False, False),
+               reduction_factor: int = 0, max_error_nm: float | None = None,
+               ids: Iterable[int] | None = None) -> dict[int, bytes]:
+    """`block_meshes` as {label: legacy precomputed fragment bytes}."""
+    return {label: mesh.to_precomputed() for label, mesh in block_meshes(
+        labels_xyz, voxel_size_xyz, offset_xyz, pad_low, pad_high, reduction_factor, max_error_nm, ids)}

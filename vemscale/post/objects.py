@@ -33,25 +33,15 @@ def surface_areas(seg_ext: np.ndarray, origin: Sequence[int], volume_shape: Sequ
                   voxel_size_xyz: Sequence[float]) -> dict[int, float]:
     """Mesh area (nm^2) per label of the cubes a block owns; `seg_ext` is the block's core plus one voxel on
     each high side the volume has (z,y,x), starting at `origin`. Closed at the volume's edges."""
-    import zmesh
+    from vemscale.post.mesh import block_meshes
 
-    pad_low = [int(o == 0) for o in origin]
-    pad_high = [int(o + n == s) for o, n, s in zip(origin, seg_ext.shape, volume_shape)]
-    data = np.pad(seg_ext, list(zip(pad_low, pad_high))) if any(pad_low) or any(pad_high) else seg_ext
-    data = np.asfortranarray(data.T.astype(np.uint64, copy=False))  # x,y,z for zmesh
-    mesher = zmesh.Mesher(tuple(float(v) for v in voxel_size_xyz))
-    mesher.mesh(data, close=False)
+    pad_low = [o == 0 for o in origin][::-1]
+    pad_high = [o + n == s for o, n, s in zip(origin, seg_ext.shape, volume_shape)][::-1]
     out: dict[int, float] = {}
-    for label in mesher.ids():
-        if label == 0:
-            continue
-        mesh = mesher.get(int(label), normals=False, reduction_factor=0, voxel_centered=True)
-        mesher.erase(label)
-        if len(mesh.faces):
-            v = mesh.vertices.astype(np.float64)
-            tri = v[mesh.faces]
-            out[int(label)] = 0.5 * float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
-    mesher.clear()
+    # block-local coordinates (offset 0): float32 vertices far from the origin would lose area precision
+    for label, mesh in block_meshes(seg_ext.T, voxel_size_xyz, (0, 0, 0), pad_low, pad_high):
+        tri = mesh.vertices.astype(np.float64)[mesh.faces]
+        out[label] = 0.5 * float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
     return out
 
 
