@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vemscale.errors import UserError
 
-__all__ = ["Strict", "StageConfig", "ConfigError", "load_config", "parse_overrides", "apply_overrides"]
+__all__ = ["Strict", "StageConfig", "ConfigError", "load_config", "load_cli_config", "parse_overrides", "apply_overrides"]
 
 
 class ConfigError(UserError):
@@ -141,6 +141,28 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: Itera
         data = loaded
     data = _deep_merge(data, parse_overrides(overrides))
     return build_config(model, data)
+
+
+def load_cli_config(model: type[C], items: Iterable[str], verbatim: Iterable[str] = ()) -> C:
+    """`[config.yaml] key=value ...` from a command line -> `model`. Keys in `verbatim` are set as typed, not
+    parsed as YAML (URLs with commas, ranges such as 10:20 that YAML 1.1 reads as base-60 numbers)."""
+    items = list(items)
+    path = items.pop(0) if items and "=" not in items[0] else None
+    keep = set(verbatim)
+    raw: dict[str, str] = {}
+    rest = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key in keep:
+            raw[key] = value
+        else:
+            rest.append(item)
+    fields = getattr(model, "model_fields", {})
+    placeholders = [f"{k}=placeholder" for k in raw if k in fields and fields[k].is_required()]
+    config = load_config(model, path, rest + placeholders)
+    for key, value in raw.items():
+        setattr(config, key, value)
+    return config
 
 
 def apply_overrides(config: C, overrides: Iterable[str]) -> C:

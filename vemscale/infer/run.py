@@ -21,16 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_infer_config(items: Sequence[str]) -> Any:
     """InferConfig from [config.yaml] key=value...; `roi=` is taken verbatim (YAML would read 10:20 as 620)."""
-    from vemscale.config import load_config
+    from vemscale.config import load_cli_config
     from vemscale.infer.pipeline import InferConfig
 
-    items = list(items)
-    path = items.pop(0) if items and "=" not in items[0] else None
-    roi = [i.partition("=")[2] for i in items if i.startswith("roi=")]
-    cfg = load_config(InferConfig, path, [i for i in items if not i.startswith("roi=")])
-    if roi:
-        text = roi[-1].strip()
-        cfg.roi = None if text.lower() in ("", "none", "null", "~") else text
+    cfg = load_cli_config(InferConfig, items, verbatim=("roi",))
+    if cfg.roi is not None and cfg.roi.strip().lower() in ("", "none", "null", "~"):
+        cfg.roi = None
+    elif cfg.roi is not None:
+        cfg.roi = cfg.roi.strip()
     return cfg
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from vemscale.config import StageConfig, absolute_url, dump_config, load_config
+from vemscale.config import StageConfig, absolute_url, dump_config, load_cli_config
 from vemscale.errors import UserError
 
 __all__ = ["InstancesConfig", "run_instances", "add_arguments", "run_cli"]
@@ -163,17 +163,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
-    items = list(args.items)
-    path = items.pop(0) if items and items[0].endswith((".yaml", ".yml")) and "=" not in items[0] else None
-    urls = {}
-    rest = []
-    for item in items:  # source/output are set verbatim: override parsing would split URLs at commas
-        key, sep, value = item.partition("=")
-        if sep and key in ("source", "output"):
-            urls[key] = value
-        else:
-            rest.append(item)
-    cfg = load_config(InstancesConfig, path, rest + [f"{k}=placeholder" for k in urls])
-    for key, value in urls.items():
-        setattr(cfg, key, value)
-    return run_instances(cfg)
+    return run_instances(load_cli_config(InstancesConfig, args.items, verbatim=("source", "output")))
