@@ -239,8 +239,10 @@ def test_roi_of_a_petavoxel_volume(data, ray_local, tmp_path):
     labels = open_volume(str(tmp_path / "huge-out" / "labels"))
     assert labels.shape == shape
     assert np.array_equal(labels.read(box), argmax_labels(probs))
-    chunks = [p for p in (tmp_path / "huge-out" / "labels" / "0").rglob("*") if p.is_file() and not p.name.startswith(".")]
-    assert len(chunks) == 9  # only the ROI's chunks exist
+    assert s["sharded"] and s["shard_shape"] == (2, 48, 48)  # 1e15 voxels: sharded (zarr v3), one shard per block
+    chunks = [p for p in (tmp_path / "huge-out" / "labels" / "0").rglob("*")
+              if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json"]
+    assert len(chunks) == 9  # only the ROI's shards exist
 
 
 # --- bad input: a UserError before any block runs ----------------------------------------------------------------

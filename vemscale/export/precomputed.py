@@ -11,13 +11,13 @@ write chunks (`write_chunk_shape(store)`) never shares a shard file with another
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from vemscale.errors import UserError
+from vemscale.io.shards import DEFAULT_SHARD_VOXELS, grid_bits, precomputed_shard_bits
 from vemscale.io.urls import kvstore_url, parse_url
 
 __all__ = [
@@ -30,7 +30,6 @@ LayerType = Literal["image", "segmentation"]
 Box = tuple[slice, ...]
 
 _IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32")
-DEFAULT_SHARD_VOXELS = 2**25  # ~32 M voxels per shard: one writer's box, O(100 MB) for uint32 labels
 
 
 def layer_kvstore(url: str) -> str:
@@ -71,21 +70,18 @@ def _check_encoding(encoding: str, layer_type: LayerType, dtype: np.dtype, num_c
 
 
 def sharding_spec(chunk_xyz: Sequence[int], size_xyz: Sequence[int], encoding: str,
-                  target_voxels: int = DEFAULT_SHARD_VOXELS) -> dict[str, Any]:
-    """`neuroglancer_uint64_sharded_v1` parameters whose shards are boxes of about `target_voxels`.
+                  target_voxels: int = DEFAULT_SHARD_VOXELS, k: int | None = None) -> dict[str, Any]:
+    """`neuroglancer_uint64_sharded_v1` parameters whose shards are boxes of about `target_voxels` (or 2^k chunks).
 
     With the identity hash a chunk's shard is its compressed Morton code without the lowest
-    preshift+minishard bits; those bits interleave x,y,z from the least significant end, so every shard is
-    a box of 2^a x 2^b x 2^c chunks (tensorstore reports it as the write chunk). Chunks are gzipped in the
-    shard only for compressed_segmentation (gzip gains ~2x there; on raw EM it gains little and was ~25x
-    slower to write than raw in `vemscale.bench.export`).
+    preshift+minishard bits (k); those bits interleave x,y,z from the least significant end, so every shard is
+    a box of 2^a x 2^b x 2^c chunks (`vemscale.io.shards.morton_box`; tensorstore reports it as the write
+    chunk). Chunks are gzipped in the shard only for compressed_segmentation (gzip gains ~2x there; on raw EM
+    it gains little and was ~25x slower to write than raw in `vemscale.bench.export`).
     """
-    grid = [-(-int(s) // int(c)) for s, c in zip(size_xyz, chunk_xyz)]
-    total_bits = sum(max(0, math.ceil(math.log2(g))) for g in grid)
-    per_chunk = math.prod(int(c) for c in chunk_xyz)
-    k = 0
-    while k < total_bits and per_chunk * 2 ** (k + 1) <= target_voxels:
-        k += 1
+    total_bits = sum(grid_bits(size_xyz, chunk_xyz))
+    if k is None:
+        k = precomputed_shard_bits(chunk_xyz, size_xyz, target_voxels)
     preshift = min(k, 3)
     return {"@type": "neuroglancer_uint64_sharded_v1", "hash": "identity", "preshift_bits": preshift,
             "minishard_bits": k - preshift, "shard_bits": total_bits - k, "minishard_index_encoding": "gzip",
@@ -93,7 +89,8 @@ def sharding_spec(chunk_xyz: Sequence[int], size_xyz: Sequence[int], encoding: s
 
 
 def _scale_metadata(size_xyz: Sequence[int], resolution: Sequence[float], chunk_xyz: Sequence[int], encoding: str,
-                    jpeg_quality: int | None, sharded: bool = False, shard_voxels: int = DEFAULT_SHARD_VOXELS) -> dict[str, Any]:
+                    jpeg_quality: int | None, sharded: bool = False, shard_voxels: int = DEFAULT_SHARD_VOXELS,
+                    shard_bits: int | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "size": [int(s) for s in size_xyz],
         "resolution": [float(r) for r in resolution],
@@ -105,7 +102,7 @@ def _scale_metadata(size_xyz: Sequence[int], resolution: Sequence[float], chunk_
     if encoding == "jpeg" and jpeg_quality is not None:
         meta["jpeg_quality"] = int(jpeg_quality)
     if sharded:
-        meta["sharding"] = sharding_spec(meta["chunk_size"], size_xyz, encoding, shard_voxels)
+        meta["sharding"] = sharding_spec(meta["chunk_size"], size_xyz, encoding, shard_voxels, shard_bits)
     return meta
 
 
@@ -174,6 +171,7 @@ def create_precomputed(
     overwrite: bool = False,
     shard_voxels: int = DEFAULT_SHARD_VOXELS,
     attrs: dict[str, Any] | None = None,
+    shard_bits: int | None = None,
 ) -> ts.TensorStore:
     """Create (or reopen, when it matches) scale 0 of a precomputed layer; returns its writable [c,]z,y,x view.
 
@@ -212,7 +210,8 @@ def create_precomputed(
         "driver": "neuroglancer_precomputed",
         "kvstore": kv_url,
         "multiscale_metadata": {"type": layer_type, "data_type": dt.name, "num_channels": int(num_channels)},
-        "scale_metadata": _scale_metadata(size_xyz, resolution, chunk_xyz, encoding, jpeg_quality, sharded, shard_voxels),
+        "scale_metadata": _scale_metadata(size_xyz, resolution, chunk_xyz, encoding, jpeg_quality, sharded, shard_voxels,
+                                          shard_bits),
     }
     try:
         store = ts.open(spec, create=True).result()

@@ -62,9 +62,9 @@ def instance_table(source_url: str) -> str | None:
     if parsed.dataset is not None or parsed.driver not in (None, "zarr"):
         return None
     parent = kvstore_url(parsed).rstrip("/").rsplit("/", 1)[0] + "/"
-    from vemscale.io.ome_zarr import read_json
+    from vemscale.io.ome_zarr import read_group_attrs
 
-    meta = (read_json(ts.KvStore.open(parent).result(), ".zattrs") or {}).get("vemscale") or {}
+    meta = read_group_attrs(ts.KvStore.open(parent).result()).get("vemscale") or {}
     if meta.get("kind") != "instances" or os.path.basename(source_url.rstrip("/")) != "segmentation":
         return None
     return join_url(parent, meta.get("table", "objects"))

@@ -124,7 +124,7 @@ def expand_layer_args(args: Sequence[str]) -> list[str]:
         if name or kind or parsed.remote or not os.path.isdir(path) or os.path.exists(os.path.join(path, "info")):
             out.append(arg)
             continue
-        attrs = _read_json(kvstore_url(parsed), ".zattrs") or {}
+        attrs = _read_json(kvstore_url(parsed), ".zattrs") or (_read_json(kvstore_url(parsed), "zarr.json") or {}).get("attributes") or {}
         layers = (attrs.get("vemscale") or {}).get("layers") if "multiscales" not in attrs else None
         if not layers and not any(os.path.exists(os.path.join(path, k)) for k in (".zattrs", "zarr.json", ".zarray")):
             layers = {d: d for d in sorted(os.listdir(path)) if os.path.exists(os.path.join(path, d, "info"))}

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from vemscale.blocks.grid import BlockGrid, Box, box_voxels
+from vemscale.blocks.mask import MaskMap, read_mask
 from vemscale.infer.outputs import open_layers
 from vemscale.infer.tiling import TileGrid, read_span
 
@@ -39,6 +40,7 @@ class BlockJob(BaseModel):
     layers: dict[str, dict[str, Any]]  # layer name -> tensorstore spec
     tile: int
     margin: int
+    mask: dict[str, Any] | None = None  # a vemscale.blocks.mask.MaskMap: blocks without tissue are not computed
     run_id: str = ""  # one per run: cached store handles never outlive the run that opened them
 
 
@@ -96,18 +98,24 @@ def read_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     volume = _open_input(spec.input, spec.scale, spec.run_id)
     ids = np.asarray(batch["id"], np.int64)
     lead = (slice(None),) if volume.ndim == 4 else ()
+    masked = np.zeros(len(ids), np.int8)
+    if spec.mask is not None:  # a block with no tissue in its core is not read, predicted or stored
+        mask = MaskMap.from_dict(spec.mask)
+        masked[:] = [not read_mask(mask, grid.box(int(i)), spec.run_id).any() for i in ids]
     boxes = [context_box(spec, grid, int(i)) for i in ids]
+    empty = np.zeros((0,) * (volume.ndim), volume.dtype)
     store = volume.tensorstore
     if store is not None:
-        futures = [store[lead + b].read() for b in boxes]
-        data = [np.asarray(f.result()) for f in futures]
+        futures = [None if m else store[lead + b].read() for b, m in zip(boxes, masked)]
+        data = [empty if f is None else np.asarray(f.result()) for f in futures]
     else:
-        data = [np.asarray(volume.read(lead + b)) for b in boxes]
+        data = [empty if m else np.asarray(volume.read(lead + b)) for b, m in zip(boxes, masked)]
     seconds = time.perf_counter() - t0
     packed, shapes = pack(data)
     return {"id": ids, "context": np.asarray([[[b.start, b.stop] for b in box] for box in boxes], np.int64),
             "data": packed, "data_shape": shapes, "read_s": np.full(len(ids), seconds / max(1, len(ids))),
-            "context_voxels": np.asarray([box_voxels(b) for b in boxes], np.int64)}
+            "context_voxels": np.asarray([0 if m else box_voxels(b) for b, m in zip(boxes, masked)], np.int64),
+            "masked": masked}
 
 
 def write_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
@@ -117,20 +125,37 @@ def write_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     grid = BlockGrid.from_dict(spec.grid)
     stores = _open_outputs(json.dumps(spec.layers, sort_keys=True), spec.run_id)
     ids = np.asarray(batch["id"], np.int64)
+    masked = np.asarray(batch["masked"], bool)
+    mask = MaskMap.from_dict(spec.mask) if spec.mask is not None else None
     futures = []
     for i, index in enumerate(ids):
         box = grid.box(int(index))
+        if masked[i]:  # the fill value: tensorstore stores no chunk equal to it (and clears one left by another run)
+            futures.extend(store[(slice(None), *box) if name == "probabilities" else box].write(0)
+                           for name, store in stores.items())
+            continue
+        tissue = read_mask(mask, box, spec.run_id) if mask is not None else None
+        if tissue is not None and tissue.all():
+            tissue = None
         if "probabilities" in stores:
-            futures.append(stores["probabilities"][(slice(None), *box)].write(unpack(batch, "probabilities", i)))
+            probs = unpack(batch, "probabilities", i)
+            if tissue is not None:
+                probs = np.where(tissue, probs, 0).astype(probs.dtype)
+            futures.append(stores["probabilities"][(slice(None), *box)].write(probs))
         if "labels" in stores:
             store = stores["labels"]
-            futures.append(store[box].write(unpack(batch, "labels", i).astype(store.dtype.numpy_dtype, copy=False)))
+            labels = unpack(batch, "labels", i).astype(store.dtype.numpy_dtype, copy=False)
+            if tissue is not None:
+                labels = np.where(tissue, labels, 0).astype(labels.dtype)
+            futures.append(store[box].write(labels))
     for f in futures:
         f.result()
     n = len(ids)
     seconds = time.perf_counter() - t0
     keep = ("read_s", "context_voxels", "predict_s", "forward_s", "tiles", "batches", "halo_misses", "pid",
             "peak_rss_mb", "actor_init_s", "predict_start", "predict_end")
+    core = np.asarray([box_voxels(grid.box(int(i))) for i in ids], np.int64)
     return {"id": ids, **{k: np.asarray(batch[k]) for k in keep},
-            "voxels": np.asarray([box_voxels(grid.box(int(i))) for i in ids], np.int64),
+            "voxels": np.where(masked, 0, core), "masked": masked.astype(np.int64),
+            "masked_voxels": np.where(masked, core, 0),
             "write_s": np.full(n, seconds / max(1, n)), "finished_at": np.full(n, time.time())}

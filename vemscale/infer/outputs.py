@@ -25,7 +25,8 @@ import tensorstore as ts
 
 from vemscale.errors import UserError
 from vemscale.blocks.ledger import LEDGER_DIR
-from vemscale.io.ome_zarr import create_ome_zarr
+from vemscale.io.ome_zarr import create_ome_zarr, write_group_attrs
+from vemscale.io.shards import Layout
 from vemscale.io.urls import ParsedUrl, join_url, kvstore_url, parse_url
 
 log = logging.getLogger(__name__)
@@ -86,38 +87,14 @@ def check_output(url: str) -> ParsedUrl:
     return parsed
 
 
-def _create_precomputed(url: str, layer: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Sequence[int],
-                        voxel_size_xyz: Sequence[float] | None, overwrite: bool) -> ts.TensorStore:
-    """A one-scale precomputed layer viewed as [c,]z,y,x; an existing one must match unless overwrite."""
-    kv_url = url if url.endswith("/") else url + "/"
-    channels = shape[0] if len(shape) == 4 else 1
-    zyx = shape[-3:]
-    kv = ts.KvStore.open(kv_url).result()
-    info = kv.read("info").result()
-    if info.state == "value":
-        old = json.loads(bytes(info.value))
-        s0 = (old.get("scales") or [{}])[0]
-        same = (s0.get("size") == list(zyx[::-1]) and old.get("data_type") == dtype.name
-                and old.get("num_channels") == channels)
-        if not same and not overwrite:
-            raise UserError(f"output layer {url!r} exists with size {s0.get('size')} {old.get('data_type')} x"
-                            f"{old.get('num_channels')}, not {list(zyx[::-1])} {dtype.name} x{channels}; "
-                            "pass overwrite=true to replace it, or choose another output")
-        if overwrite:
-            kv.delete_range(ts.KvStore.KeyRange()).result()
-    spec = {
-        "driver": "neuroglancer_precomputed",
-        "kvstore": kv_url,
-        "multiscale_metadata": {"type": "image" if layer == "probabilities" else "segmentation",
-                                "data_type": dtype.name, "num_channels": channels},
-        "scale_metadata": {"size": list(zyx[::-1]), "chunk_size": [int(c) for c in chunks[::-1]],
-                           "resolution": [float(v) for v in (voxel_size_xyz or (1.0, 1.0, 1.0))],
-                           "encoding": "raw"},
-    }
-    store = ts.open(spec, create=True, open=True).result()
-    if len(shape) == 3:
-        store = store[ts.d["channel"][0]]
-    return store.T.translate_to[0]
+def _check_layout(url: str, store: ts.TensorStore, layout: Layout, overwrite: bool) -> None:
+    """An existing layer reopened for resume must be stored as planned (a sharded run over unsharded chunks is not)."""
+    unit = tuple(min(int(c), int(n)) for c, n in zip(store.chunk_layout.write_chunk.shape[-3:], store.shape[-3:]))
+    want = tuple(min(u, n) for u, n in zip(layout.write_unit, store.shape[-3:]))
+    if unit != want and not overwrite:
+        raise UserError(f"output layer {url!r} exists with write chunks {unit}, not {want} "
+                        f"({'sharded' if layout.shard else 'unsharded'}); pass overwrite=true to replace it, or "
+                        "choose another output")
 
 
 def prepare_outputs(
@@ -125,34 +102,48 @@ def prepare_outputs(
     volume_shape: tuple[int, int, int],
     voxel_size_xyz: Sequence[float] | None,
     classes: Sequence[str],
-    chunks: tuple[int, int, int],
+    layout: Layout,
     write: str,
     overwrite: bool,
     attrs: dict[str, Any] | None = None,
 ) -> dict[str, OutputLayer]:
-    """Create (or reopen, to resume) the output layers; UserError on a mismatching existing output."""
+    """Create (or reopen, to resume) the output layers; UserError on a mismatching existing output.
+
+    OME-Zarr layers are zarr v2 unsharded and zarr v3 (NGFF 0.5, sharding codec) sharded; precomputed
+    layers are an uint8 `image` (raw) and an uint32 `segmentation` (compressed_segmentation), sharded with
+    `layout.shard_bits` when the layout has a shard.
+    """
+    from vemscale.export.precomputed import create_precomputed
+
     parsed = check_output(output)
     k = len(classes)
     layers: dict[str, OutputLayer] = {}
     for name in layers_for(write):
         shape = (k, *volume_shape) if name == "probabilities" else tuple(volume_shape)
         dtype = np.dtype(np.uint8) if name == "probabilities" else labels_dtype(k)
-        layer_chunks = ((1, *chunks) if name == "probabilities" else chunks)
         if _is_precomputed(parsed):
             url = join_url(kvstore_url(parsed), name)
-            store = _create_precomputed(url, name, shape, dtype, chunks, voxel_size_xyz, overwrite)
+            store = create_precomputed(url, volume_shape, dtype, voxel_size_xyz,
+                                       "image" if name == "probabilities" else "segmentation",
+                                       num_channels=k if name == "probabilities" else 1, chunk=layout.chunk,
+                                       sharded=layout.shard is not None, shard_bits=layout.shard_bits,
+                                       overwrite=overwrite)
+            if name == "probabilities" and k == 1:  # keep the c axis: workers write (K, z, y, x)
+                store = store[ts.newaxis, ...]
             url = "precomputed://" + url
         else:
             url = join_url(parsed.location, name)
-            store = create_ome_zarr(url, shape, dtype, layer_chunks, voxel_size_xyz,
+            lead = (k,) if name == "probabilities" else ()
+            store = create_ome_zarr(url, shape, dtype, ((1,) if lead else ()) + layout.chunk, voxel_size_xyz,
                                     channel_names=list(classes) if name == "probabilities" else None,
-                                    overwrite=overwrite, name=name)
-        layers[name] = OutputLayer(name, url, shape, dtype.name, store.spec(minimal_spec=True).to_json())
+                                    overwrite=overwrite, name=name,
+                                    shard=(lead + layout.shard) if layout.shard else None)
+        _check_layout(url, store, layout, overwrite)
+        layers[name] = OutputLayer(name, url, shape, store.dtype.numpy_dtype.name, store.spec(minimal_spec=True).to_json())
     if not _is_precomputed(parsed):
         kv = ts.KvStore.open(kvstore_url(parsed)).result()
-        kv.write(".zgroup", json.dumps({"zarr_format": 2}).encode()).result()
         meta = {"vemscale": {"layers": {n: n for n in layers}, "classes": list(classes), **(attrs or {})}}
-        kv.write(".zattrs", json.dumps(meta, indent=2, default=str).encode()).result()
+        write_group_attrs(kv, meta, 3 if layout.shard else 2)
     return layers
 
 

@@ -23,7 +23,8 @@ import ray
 from pydantic import Field, field_validator
 
 from vemscale.blocks.grid import BlockGrid, format_roi
-from vemscale.blocks.ledger import Ledger, ledger_url
+from vemscale.blocks.ledger import Ledger, ledger_url, volume_identity
+from vemscale.blocks.mask import MaskMap, plan_mask
 from vemscale.blocks.runner import Stage, ids_per_batch, run_blocks
 from vemscale.checkpoint import checkpoint_location
 from vemscale.config import StageConfig, absolute_url, dump_config
@@ -32,6 +33,9 @@ from vemscale.infer.blockio import BlockJob, read_blocks, write_blocks
 from vemscale.infer.outputs import check_output, prepare_outputs
 from vemscale.infer.predictor import Predictor, grid_and_normalizer, weights_sha256
 from vemscale.infer.tiling import TileGrid
+from vemscale.infer.tissue import check_mask_cell, make_tissue_mask
+from vemscale.io.shards import DEFAULT_SHARD_VOXELS, Layout, plan_layout
+from vemscale.io.urls import parse_url
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,14 @@ class InferConfig(StageConfig):
     io_cpus: Literal["auto"] | float = "auto"  # Ray CPUs per read/write task; auto: 0 when the actors take every CPU
     blocks_per_batch: Literal["auto"] | int = "auto"  # block ids per Ray Data block; auto: ~16 MiB, >= 4 per actor
     num_gpus_per_worker: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs, else 0
+    sharded: Literal["auto"] | bool = "auto"  # auto: sharded when a layer would have > 4096 chunk objects
+    shard_shape: tuple[int, int, int] | None = None  # z,y,x voxels per shard; None: largest dividing the block <= shard_voxels
+    shard_voxels: int = Field(DEFAULT_SHARD_VOXELS, ge=1)  # target voxels per shard (x channels for probabilities)
+    mask: str | None = None  # tissue mask: a volume URL (non-zero = compute, any scale), or "auto"; None = everything
+    mask_scale: int | str | None = None  # scale of the mask volume; with mask=auto, the input scale the mask is made from
+    mask_cell: tuple[int, int, int] = (4, 32, 32)  # mask=auto: z,y,x voxels (of mask_scale) per mask cell
+    mask_min_std: float = Field(2.0, ge=0)  # mask=auto: tissue when a cell's 4x4-pooled std >= this (0-255 scale)
+    mask_dilate: int = Field(1, ge=0)  # mask=auto: grow tissue by this many cells
     overwrite: bool = False  # replace an existing output (and its ledger) instead of resuming
     progress: bool = True  # a progress bar over blocks on stderr
 
@@ -69,6 +81,13 @@ class InferConfig(StageConfig):
             if not all(isinstance(p, str) for p in v):
                 raise ValueError("roi must be a string 'z0:z1,y0:y1,x0:x1' (quote it in YAML)")
             return ",".join(v)
+        return v
+
+    @field_validator("mask_cell", "shard_shape")
+    @classmethod
+    def _positive_triple(cls, v: Any) -> Any:
+        if v is not None and min(v) < 1:
+            raise ValueError("must be three positive integers z,y,x")
         return v
 
     @field_validator("workers")
@@ -104,10 +123,27 @@ def validate(cfg: InferConfig) -> dict[str, Any]:
     if in_chans != _channels(volume.shape):
         raise UserError(f"checkpoint {cfg.checkpoint!r} expects {in_chans} input channel(s) but {cfg.input!r} has "
                         f"{_channels(volume.shape)} (shape {volume.shape})")
-    plan = BlockGrid.create(volume.shape[-3:], cfg.output_chunks, cfg.block_shape, cfg.roi)
+    zyx = volume.shape[-3:]
+    BlockGrid.create(zyx, cfg.output_chunks, cfg.block_shape, cfg.roi)  # block a whole number of chunks
+    k = int(meta.model.get("num_classes", len(meta.classes)))
+    fmt = "precomputed" if parse_url(cfg.output).driver == "neuroglancer_precomputed" else "zarr"
+    layout = plan_layout(fmt, cfg.sharded, zyx, cfg.output_chunks, cfg.block_shape, shard_shape=cfg.shard_shape,
+                         target_voxels=cfg.shard_voxels, channels=k if cfg.write != "labels" else 1)
+    plan = BlockGrid.create(zyx, layout.write_unit, cfg.block_shape, cfg.roi,
+                            chunk_name="shard" if layout.shard else "output chunk")
     if cfg.roi is not None and format_roi(plan.roi) != cfg.roi.replace(" ", ""):
-        log.info("roi %s aligned outwards to output chunks %s: %s", cfg.roi, plan.chunk_shape, format_roi(plan.roi))
-    return {"volume": volume, "meta": meta, "plan": plan}
+        log.info("roi %s aligned outwards to %s %s: %s", cfg.roi, "shards" if layout.shard else "output chunks",
+                 plan.chunk_shape, format_roi(plan.roi))
+    mask = None
+    if cfg.mask == "auto":
+        tissue_volume = open_volume(cfg.input, scale=cfg.mask_scale)  # UserError for a scale that does not exist
+        check_mask_cell(cfg.mask_cell)
+        del tissue_volume
+    elif cfg.mask is not None:
+        mask = plan_mask(cfg.mask, cfg.mask_scale, zyx, volume.voxel_size_xyz)
+    elif cfg.mask_scale is not None:
+        raise UserError("mask_scale is given without mask; set mask=<volume URL> or mask=auto, or drop mask_scale")
+    return {"volume": volume, "meta": meta, "plan": plan, "layout": layout, "mask": mask}
 
 
 def _num_gpus(cfg: InferConfig) -> float:
@@ -144,7 +180,8 @@ def tile_recompute_factor(plan: BlockGrid, grid: TileGrid, mode: str) -> float:
     return factor
 
 
-def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weights: str, use_gpu: bool) -> dict[str, Any]:
+def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weights: str, use_gpu: bool,
+                 layout: Layout | None = None, mask: dict[str, Any] | None = None) -> dict[str, Any]:
     """What decides the bytes of each block (the ledger fingerprint); halo and workers do not.
 
     threads_per_worker is left out on purpose: torch's CPU kernels can move a probability by one ulp with
@@ -159,6 +196,7 @@ def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weig
         "normalization": meta.normalization,
         "mode": cfg.mode, "write": cfg.write, "batch_size": cfg.batch_size,
         "device": "cuda-bf16" if use_gpu else "cpu-fp32",
+        "layout": layout.to_dict() if layout else None, "mask": mask,
     }
 
 
@@ -167,7 +205,7 @@ class _Stats:
 
     def __init__(self) -> None:
         self.sums = {k: 0.0 for k in ("voxels", "context_voxels", "halo_misses", "read_s", "predict_s", "forward_s",
-                                      "write_s", "tiles", "batches")}
+                                      "write_s", "tiles", "batches", "masked", "masked_voxels")}
         self.peak_rss_mb = self.actor_init_s = 0.0
         self.busy: dict[int, list[float]] = {}  # pid -> [forward seconds, first start, last end]
         self.first_block_at: float | None = None
@@ -188,7 +226,8 @@ class _Stats:
 
     def summary(self) -> dict[str, Any]:
         s = self.sums
-        out: dict[str, Any] = {k: int(s[k]) for k in ("voxels", "context_voxels", "halo_misses", "tiles", "batches")}
+        out: dict[str, Any] = {k: int(s[k]) for k in ("voxels", "context_voxels", "halo_misses", "tiles", "batches",
+                                                      "masked", "masked_voxels")}
         out.update({k: round(s[k], 3) for k in ("read_s", "predict_s", "forward_s", "write_s")})
         out["actors"] = len(self.busy)
         if self.busy:
@@ -213,22 +252,36 @@ def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
     """Everything before the first block: checks, outputs, Ray, the ledger and the job the stages share."""
     t_start = time.perf_counter()
     checked = validate(cfg)
-    volume, meta, plan = checked["volume"], checked["meta"], checked["plan"]
+    volume, meta, plan, layout, mask = (checked[n] for n in ("volume", "meta", "plan", "layout", "mask"))
     k = int(meta.model.get("num_classes", len(meta.classes)))
     classes = list(meta.classes) if len(meta.classes) == k else [f"class_{i}" for i in range(k)]
     check_output(cfg.output)
     if cfg.overwrite:  # forget done blocks before any output is deleted, so a kill in between cannot skip them
         Ledger.invalidate(ledger_url(cfg.output))
-    layers = prepare_outputs(cfg.output, plan.volume_shape, volume.voxel_size_xyz, classes, plan.chunk_shape,
-                             cfg.write, cfg.overwrite, attrs={"checkpoint": cfg.checkpoint, "input": cfg.input})
+    layers = prepare_outputs(cfg.output, plan.volume_shape, volume.voxel_size_xyz, classes, layout,
+                             cfg.write, cfg.overwrite, attrs={"checkpoint": cfg.checkpoint, "input": cfg.input,
+                                                              "mask": cfg.mask})
     weights = weights_sha256(cfg.checkpoint)
 
     from vemscale.raycluster import ensure_ray
 
     ensure_ray()
+    tissue = None
+    if cfg.mask == "auto":
+        tissue = make_tissue_mask(absolute_url(cfg.input), cfg.mask_scale, cfg.output, cfg.mask_cell, cfg.mask_min_std,
+                                  cfg.mask_dilate, progress=cfg.progress)
+        mask = plan_mask(tissue["url"], None, plan.volume_shape, volume.voxel_size_xyz, where="tissue mask")
+        mask_describe: dict[str, Any] | None = {"auto": tissue["fingerprint"], "factors": mask.to_dict()["factors"]}
+    elif mask is not None:
+        from vemscale.io.volume import open_volume
+
+        mask_describe = {"volume": volume_identity(open_volume(mask.url, scale=mask.scale)),
+                         "factors": mask.to_dict()["factors"]}
+    else:
+        mask_describe = None
     num_gpus = _num_gpus(cfg)
     workers = _num_workers(cfg, num_gpus)
-    describe = describe_run(cfg, volume, meta, plan, weights, num_gpus > 0)
+    describe = describe_run(cfg, volume, meta, plan, weights, num_gpus > 0, layout, mask_describe)
     ledger = Ledger.open(ledger_url(cfg.output), describe, reset=cfg.overwrite)
     num_blocks = plan.num_blocks
     pending = num_blocks - ledger.count_done(num_blocks)
@@ -244,9 +297,11 @@ def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
                    weights_sha256=weights, grid=plan.to_dict(), halo=cfg.halo, mode=cfg.mode,
                    batch_size=cfg.batch_size, threads=cfg.threads_per_worker, use_gpu=num_gpus > 0,
                    layers={n: layer.spec for n, layer in layers.items()}, tile=grid.tile, margin=grid.margin,
+                   mask=mask.to_dict() if mask is not None else None,
                    run_id=uuid.uuid4().hex).model_dump(mode="json")
     return {"t_start": t_start, "plan": plan, "layers": layers, "classes": classes, "k": k, "ledger": ledger,
-            "workers": workers, "num_gpus": num_gpus, "pending": pending, "recompute": recompute, "job": job}
+            "workers": workers, "num_gpus": num_gpus, "pending": pending, "recompute": recompute, "job": job,
+            "layout": layout, "tissue": tissue}
 
 
 def run_infer(cfg: InferConfig) -> dict[str, Any]:
@@ -276,19 +331,23 @@ def run_infer(cfg: InferConfig) -> dict[str, Any]:
         "seconds": run["seconds"], "blocks_per_s": run["blocks_per_s"],
         "total_seconds": round(time.perf_counter() - t_start, 3),
         "tile_recompute": round(recompute, 4),
+        "sharded": prep["layout"].shard is not None, "shard_shape": prep["layout"].shard,
         "seconds_to_first_block": round(stats.first_block_at - t_pool_wall, 3) if stats.first_block_at else None,
         **stats.summary(),
     }
     summary["voxels_per_s"] = round(summary["voxels"] / run["seconds"], 1) if run["computed"] and run["seconds"] else 0.0
     summary["halo_overhead"] = round(summary["context_voxels"] / summary["voxels"], 4) if summary["voxels"] else None
-    log.info("infer: %d blocks computed, %d skipped, %d voxels in %.1f s (%.0f voxels/s)", summary["computed"],
-             summary["skipped"], summary["voxels"], summary["seconds"], summary["voxels_per_s"])
+    log.info("infer: %d blocks computed (%d of them outside the mask, written as background), %d done before, %d "
+             "voxels in %.1f s (%.0f voxels/s)", summary["computed"], summary["masked"], summary["skipped"],
+             summary["voxels"], summary["seconds"], summary["voxels_per_s"])
     result = {
         "outputs": {n: layer.url for n, layer in layers.items()},
         "output": cfg.output, "ledger": ledger.url, "classes": classes,
         "plan": {**plan.to_dict(), "num_blocks": num_blocks, "grid_shape": list(plan.grid_shape)},
         "summary": summary,
     }
+    if prep["tissue"] is not None:
+        result["tissue_mask"] = prep["tissue"]
     _write_run_files(cfg, result)
     return result
 

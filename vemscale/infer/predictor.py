@@ -61,6 +61,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _per_block(values: list[int], masked: np.ndarray) -> np.ndarray:
+    """Values of the computed blocks spread back to every block of the batch (0 for masked ones)."""
+    out = np.zeros(len(masked), np.int64)
+    out[~masked] = values
+    return out
+
+
 class Predictor:
     """Ray Data actor: one model per worker; `__call__` predicts a batch of read blocks (forward passes only)."""
 
@@ -87,21 +94,27 @@ class Predictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0, wall0 = time.perf_counter(), time.time()
         ids = np.asarray(batch["id"], np.int64)
+        masked = np.asarray(batch["masked"], bool)
         readers, jobs = [], []
         for i, index in enumerate(ids):
+            if masked[i]:
+                continue
             ctx = tuple(slice(int(a), int(b)) for a, b in batch["context"][i])
             reader = BlockReader(unpack(batch, "data", i), ctx, self._fallback)  # type: ignore[arg-type]
             readers.append(reader)
             jobs.append((reader, self.grid.box(int(index))))
         batcher = TileBatcher(self.model, self.job.batch_size, self.tiles.margin, self.device, self.amp_dtype)
         probs_out, labels_out = [], []
-        for probs in predict_boxes(batcher, jobs, self.grid.volume_shape, self.tiles, self.normalize, self.job.mode):
+        predicted = predict_boxes(batcher, jobs, self.grid.volume_shape, self.tiles, self.normalize, self.job.mode)
+        for i in range(len(ids)):  # masked blocks carry empty arrays (nothing computed, nothing stored)
+            probs = None if masked[i] else next(predicted)
             if "probabilities" in self.layers:
-                probs_out.append(quantize_probabilities(probs))
+                probs_out.append(np.zeros((0, 0, 0, 0), np.uint8) if probs is None else quantize_probabilities(probs))
             if "labels" in self.layers:
-                labels_out.append(argmax_labels(probs, np.uint8 if probs.shape[0] <= 256 else np.uint32))
+                labels_out.append(np.zeros((0, 0, 0), np.uint8) if probs is None else
+                                  argmax_labels(probs, np.uint8 if probs.shape[0] <= 256 else np.uint32))
         n = len(ids)
-        out: dict[str, Any] = {k: batch[k] for k in ("id", "read_s", "context_voxels")}
+        out: dict[str, Any] = {k: batch[k] for k in ("id", "read_s", "context_voxels", "masked")}
         if probs_out:
             out["probabilities"], out["probabilities_shape"] = pack(probs_out)
         if labels_out:
@@ -110,7 +123,7 @@ class Predictor:
         out.update({
             "predict_s": np.full(n, seconds / n), "forward_s": np.full(n, batcher.forward_seconds / n),
             "tiles": np.full(n, batcher.tiles_run / n), "batches": np.full(n, batcher.batches_run / n),
-            "halo_misses": np.asarray([r.misses for r in readers], np.int64),
+            "halo_misses": _per_block([r.misses for r in readers], masked),
             "pid": np.full(n, os.getpid(), np.int64), "peak_rss_mb": np.full(n, peak_rss_mb()),
             "actor_init_s": np.full(n, self.init_seconds), "predict_start": np.full(n, wall0),
             "predict_end": np.full(n, time.time()),

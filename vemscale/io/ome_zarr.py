@@ -21,7 +21,8 @@ from vemscale.errors import UserError
 from vemscale.io.readers import clean_voxel_size, unit_factor_nm
 from vemscale.io.urls import join_url, kvstore_url, parse_url
 
-__all__ = ["Multiscale", "parse_multiscales", "multiscales_attrs", "create_ome_zarr", "read_json"]
+__all__ = ["Multiscale", "parse_multiscales", "multiscales_attrs", "create_ome_zarr", "read_json", "read_group_attrs",
+           "write_group_attrs"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,27 @@ def read_json(kv: ts.KvStore, key: str) -> Any | None:
         return json.loads(bytes(res.value))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"metadata file {key!r} is not valid JSON: {err}") from None
+
+
+def read_group_attrs(kv: ts.KvStore) -> dict[str, Any]:
+    """A zarr group's attributes: `.zattrs` (v2) or `zarr.json` "attributes" (v3); {} when there is no group."""
+    attrs = read_json(kv, ".zattrs")
+    if attrs is None:
+        attrs = (read_json(kv, "zarr.json") or {}).get("attributes")
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def write_group_attrs(kv: ts.KvStore, attrs: dict[str, Any], zarr_format: int = 2) -> None:
+    """Write a zarr group with `attrs` (v2: `.zgroup` + `.zattrs`; v3: `zarr.json`), replacing the other version's files."""
+    if zarr_format == 3:
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        kv.write("zarr.json", json.dumps(doc, indent=2, default=str).encode()).result()
+        for key in (".zgroup", ".zattrs"):
+            kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+        return
+    kv.write(".zgroup", json.dumps({"zarr_format": 2}).encode()).result()
+    kv.write(".zattrs", json.dumps(attrs, indent=2, default=str).encode()).result()
+    kv.delete_range(ts.KvStore.KeyRange("zarr.json", "zarr.json\0")).result()
 
 
 @dataclass(frozen=True)
@@ -158,7 +180,7 @@ def multiscales_attrs(
 
 
 def _array_spec(kv_url: str, zarr_format: int, shape: Sequence[int], dtype: np.dtype, chunks: Sequence[int],
-                ndim: int) -> dict[str, Any]:
+                ndim: int, shard: Sequence[int] | None = None) -> dict[str, Any]:
     array_kv = join_url(kv_url, "0") + "/"
     if zarr_format == 2:
         return {
@@ -175,17 +197,23 @@ def _array_spec(kv_url: str, zarr_format: int, shape: Sequence[int], dtype: np.d
             },
         }
     names = (["c"] if ndim == 4 else []) + ["z", "y", "x"]
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}} if dtype.itemsize > 1
+                                    else {"name": "bytes"}, {"name": "zstd", "configuration": {"level": 5}}]
+    grid = list(chunks)
+    if shard is not None:  # zarr v3 sharding codec: a shard object holds whole inner chunks plus an index at its end
+        codecs = [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": list(chunks), "codecs": codecs, "index_location": "end",
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}]
+        grid = list(shard)
     return {
         "driver": "zarr3",
         "kvstore": array_kv,
         "metadata": {
             "shape": list(shape),
             "data_type": dtype.name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid}},
             "chunk_key_encoding": {"name": "default"},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "zstd", "configuration": {"level": 5}}] if dtype.itemsize > 1 else
-                      [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 5}}],
+            "codecs": codecs,
             "fill_value": False if dtype == np.bool_ else 0,
             "dimension_names": names,
         },
@@ -215,10 +243,12 @@ def create_ome_zarr(
     overwrite: bool = False,
     zarr_format: int = 2,
     name: str | None = None,
+    shard: Sequence[int] | None = None,
 ) -> ts.TensorStore:
     """Create (or reopen, for resume) a one-scale OME-Zarr image and return its writable scale-0 store.
 
-    `shape`/`chunks` are z,y,x or c,z,y,x; chunks are clipped to the shape. An existing image with the same
+    `shape`/`chunks` (and `shard`, a box of whole chunks: zarr v3 sharding) are z,y,x or c,z,y,x; chunks are
+    clipped to the shape. A shard needs zarr v3 (NGFF 0.5), which `shard` implies. An existing image with the same
     shape and dtype is reopened as it is (unless `overwrite`); one with another shape or dtype is a
     UserError unless `overwrite`, which deletes it first. A non-zarr directory is never deleted.
     """
@@ -231,6 +261,12 @@ def create_ome_zarr(
     if len(chunks) != len(shape):
         raise UserError(f"chunks {tuple(chunks)} must have one entry per axis of shape {shape}")
     chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape))
+    if shard is not None:
+        if len(shard) != len(shape):
+            raise UserError(f"shard {tuple(shard)} must have one entry per axis of shape {shape}")
+        shard = tuple(max(c, min(int(v), s)) for v, c, s in zip(shard, chunks, shape))
+        shard = tuple(-(-v // c) * c for v, c in zip(shard, chunks))  # whole chunks (the last may pass the edge)
+        zarr_format = 3
     dtype = np.dtype(dtype)
     if zarr_format not in (2, 3):
         raise UserError(f"zarr_format must be 2 or 3, got {zarr_format}")
@@ -247,6 +283,10 @@ def create_ome_zarr(
     if exists_as_zarr:
         existing = _existing_array(kv, kv_url)
         same = existing is not None and tuple(existing.shape) == shape and np.dtype(existing.dtype.numpy_dtype) == dtype
+        if same and not overwrite and _write_unit(existing) != (shard or chunks):
+            raise UserError(f"output {str(url)!r} exists with write chunks {_write_unit(existing)}, not "
+                            f"{shard or chunks} ({'sharded' if shard else 'unsharded'}); pass --overwrite "
+                            "(overwrite=True) to replace it, or choose another output")
         if same and not overwrite:
             log.info("reopening existing %s (shape %s, %s)", url, shape, dtype)
             return existing
@@ -259,12 +299,12 @@ def create_ome_zarr(
     version = "0.4" if zarr_format == 2 else "0.5"
     attrs = multiscales_attrs(len(shape), voxel_size_xyz, name=name or os.path.basename(parsed.location.rstrip("/")),
                               version=version, channel_names=channel_names)
-    if zarr_format == 2:
-        kv.write(".zgroup", json.dumps({"zarr_format": 2}).encode()).result()
-        kv.write(".zattrs", json.dumps(attrs, indent=2).encode()).result()
-    else:
-        group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-        kv.write("zarr.json", json.dumps(group, indent=2).encode()).result()
-    spec = _array_spec(kv_url, zarr_format, shape, dtype, chunks, len(shape))
+    write_group_attrs(kv, attrs, zarr_format)
+    spec = _array_spec(kv_url, zarr_format, shape, dtype, chunks, len(shape), shard)
     return ts.open(spec, create=True, open=True).result()
+
+
+def _write_unit(store: ts.TensorStore) -> tuple[int, ...]:
+    """A store's write granularity: its shard when sharded, else its chunk (clipped to the shape)."""
+    return tuple(min(int(c), int(n)) for c, n in zip(store.chunk_layout.write_chunk.shape, store.shape))
 

@@ -24,16 +24,16 @@ __all__ = ["ClassSource", "open_source"]
 
 
 def _attrs(url: str) -> dict[str, Any]:
-    """The .zattrs of a zarr group ({} when there is none)."""
+    """The attributes of a zarr group, v2 or v3 ({} when there is none)."""
     import tensorstore as ts
 
-    from vemscale.io.ome_zarr import read_json
+    from vemscale.io.ome_zarr import read_group_attrs
     from vemscale.io.urls import kvstore_url
 
     parsed = parse_url(url)
     if not parsed.remote and not os.path.isdir(parsed.location):
         return {}
-    return read_json(ts.KvStore.open(kvstore_url(parsed).rstrip("/") + "/").result(), ".zattrs") or {}
+    return read_group_attrs(ts.KvStore.open(kvstore_url(parsed).rstrip("/") + "/").result())
 
 
 def _infer_attrs(url: str) -> dict[str, Any] | None:
