@@ -340,3 +340,100 @@ def test_ten_thousand_blocks_resume_after_a_kill_recomputing_only_what_was_in_fl
     assert s["tiles"] == blocks - done  # one tile per block: nothing padded but the last batch
     _, labels = reference(ckpt, vol)
     assert np.array_equal(open_volume(f"{out}/labels").read(), labels)
+
+
+# --- sharded outputs and tissue masks ----------------------------------------------------------------------------
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def test_sharded_zarr3_and_precomputed_equal_the_reference(data, ray_local):
+    """Forced sharding: same bytes as the whole-volume reference, read back by zarr-python and cloud-volume."""
+    import zarr
+    from cloudvolume import CloudVolume
+
+    cfg = config(data, "sh-zarr", block_shape=(2, 96, 96), sharded=True, shard_shape=(2, 96, 96))
+    s = run_infer(cfg)["summary"]
+    assert s["sharded"] and s["shard_shape"] == (2, 96, 96)
+    assert_equals_reference(data, cfg.output)
+    z = zarr.open_array(f"{cfg.output}/labels/0", mode="r")
+    assert z.metadata.zarr_format == 3 and tuple(z.shards) == (2, 96, 96) and np.array_equal(z[...], data.labels)
+    grid = BlockGrid.create(SHAPE, (2, 96, 96), (2, 96, 96))
+    assert len([p for p in _files(Path(cfg.output) / "labels" / "0") if p.name != "zarr.json"]) == grid.num_blocks
+
+    pc = config(data, "sh-pc", block_shape=(6, 96, 96), sharded=True)
+    pc.output = "precomputed://" + str(data.root / "sh-pc")
+    result = run_infer(pc)
+    assert result["summary"]["sharded"]
+    info = CloudVolume("file://" + str(data.root / "sh-pc" / "labels")).info
+    assert info["scales"][0]["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
+    cv = CloudVolume("file://" + str(data.root / "sh-pc" / "labels"), mip=0, fill_missing=False, progress=False)
+    assert np.array_equal(np.asarray(cv[:, :, :])[..., 0].transpose(2, 1, 0), data.labels)
+    assert np.array_equal(open_volume(result["outputs"]["probabilities"]).read(), data.probs)
+    unsharded = 2 * 3 * 5 * 2  # chunk files the same layers would hold unsharded: (3 z x 5 y x 5 x) per layer
+    assert len(_files(data.root / "sh-pc")) < unsharded
+
+
+def _mask_volume(root: Path) -> tuple[str, np.ndarray]:
+    """A 4x coarser mask in y,x (voxel 18.4 nm): tissue in an L-shaped region; expanded to the target grid too."""
+    m = np.zeros((6, 50, 58), np.uint8)
+    m[:, :20, :] = 1
+    m[:4, :, :10] = 7
+    url = str(root / "mask.ome.zarr")
+    if not Path(url).exists():
+        create_ome_zarr(url, m.shape, np.uint8, (2, 25, 29), (18.4, 18.4, 45.0)).write(m).result()
+    return url, m.repeat(4, axis=1).repeat(4, axis=2) != 0
+
+
+@pytest.mark.parametrize("block", [(2, 48, 48), (6, 96, 144)])
+def test_mask_skips_blocks_without_tissue_and_keeps_the_rest_exact(data, ray_local, block):
+    url, tissue = _mask_volume(data.root)
+    cfg = config(data, f"mask-{block[1]}", block_shape=block, mask=url)
+    s = run_infer(cfg)["summary"]
+    grid = BlockGrid.create(SHAPE, (2, 48, 48), block)
+    empty = sum(not tissue[grid.box(i)].any() for i in range(grid.num_blocks))
+    assert 0 < empty < grid.num_blocks and s["masked"] == empty and s["computed"] == grid.num_blocks
+    assert s["masked_voxels"] == sum(np.prod([b.stop - b.start for b in grid.box(i)])
+                                     for i in range(grid.num_blocks) if not tissue[grid.box(i)].any())
+    probs, labels = outputs(cfg.output)
+    assert np.array_equal(labels, np.where(tissue, data.labels, 0))
+    assert np.array_equal(probs, np.where(tissue, data.probs, 0))
+
+
+def test_auto_mask_skips_empty_resin(data, ray_local, tmp_path):
+    """mask=auto on a volume whose right half is flat resin: those blocks are not computed, the rest are exact."""
+    vol = data.vol.copy()
+    vol[:, :, 128:] = 200
+    src = str(tmp_path / "half.ome.zarr")
+    create_ome_zarr(src, SHAPE, np.uint8, (1, 64, 64), VOXEL).write(vol).result()
+    plain = config(data, "auto-plain", input=src, output=str(tmp_path / "plain"), run_dir=str(tmp_path / "r1"),
+                   write="labels")
+    run_infer(plain)
+    auto = config(data, "auto", input=src, output=str(tmp_path / "auto"), run_dir=str(tmp_path / "r2"),
+                  write="labels", mask="auto", mask_cell=(2, 16, 16), mask_dilate=0)
+    result = run_infer(auto)
+    s = result["summary"]
+    grid = BlockGrid.create(SHAPE, (2, 48, 48), (2, 48, 48))
+    flat = sum(grid.box(i)[2].start >= 128 for i in range(grid.num_blocks))  # blocks wholly in the resin
+    assert s["masked"] == flat and flat > 0
+    mask = open_volume(result["tissue_mask"]["url"]).read()
+    assert mask[:, :, : 128 // 16].all() and not mask[:, :, 128 // 16:].any()
+    a, b = open_volume(f"{auto.output}/labels").read(), open_volume(f"{plain.output}/labels").read()
+    assert np.array_equal(a[:, :, :128], b[:, :, :128]) and not a[:, :, 144:].any()
+
+
+def test_bad_mask_and_shard_inputs_fail_before_any_output(data, tmp_path):
+    out = tmp_path / "o"
+    bad = tmp_path / "bad-mask.zarr"
+    create_ome_zarr(bad, (6, 40, 58), np.uint8, (2, 20, 29), (18.4, 18.4, 45.0))
+    for kw, msg in [(dict(mask=str(tmp_path / "none.zarr")), "does not exist"),
+                    (dict(mask=str(bad)), "same extent"),
+                    (dict(mask_scale=1), "mask_scale is given without mask"),
+                    (dict(sharded=False, shard_shape=(2, 48, 48)), "shard"),
+                    (dict(sharded=True, block_shape=(2, 96, 96), shard_shape=(2, 144, 144)), "shard"),
+                    (dict(sharded=True, block_shape=(2, 96, 96), shard_shape=(2, 50, 48)), "shard")]:
+        with pytest.raises(UserError, match=msg):
+            run_infer(config(data, "x", output=str(out), **kw))
+        assert not out.exists()

@@ -83,12 +83,12 @@ def morton_box(bits_xyz: Sequence[int], k: int) -> tuple[int, int, int]:
 
 def _fits(box_chunks_xyz: Sequence[int], chunk_xyz: Sequence[int], block_xyz: Sequence[int] | None,
           size_xyz: Sequence[int]) -> bool:
-    """Does every block cover whole shards? (An axis the shard spans entirely is always fine.)"""
+    """Does every block cover whole shards? (A shard spanning an axis needs a block spanning it too.)"""
     if block_xyz is None:
         return True
     for n, c, b, s in zip(box_chunks_xyz, chunk_xyz, block_xyz, size_xyz):
         extent = n * c
-        if extent < s and (b % extent) and b < s:
+        if (b % extent) and b < s:
             return False
     return True
 
@@ -167,7 +167,7 @@ def plan_layout(fmt: Literal["zarr", "precomputed"], sharded: Sharded, shape_zyx
 
 
 def _check_divides(block: Sequence[int], block_zyx: Sequence[int], shard: Sequence[int], shape_zyx: Sequence[int]) -> None:
-    bad = [a for a, (b, v, s) in enumerate(zip(block, shard, shape_zyx)) if b % v and b < s and v < s]
+    bad = [a for a, (b, v, s) in enumerate(zip(block, shard, shape_zyx)) if b % v and b < s]
     if bad:
         raise UserError(f"shard shape {tuple(shard)} does not divide block_shape {tuple(block_zyx)} along "
                         f"{', '.join('zyx'[a] for a in bad)}: each shard must have one writer; make block_shape a "
