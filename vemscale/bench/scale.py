@@ -88,8 +88,10 @@ def tiny_checkpoint(path: Path, tile: int = 256, margin: int = 32) -> str:
     return str(save_checkpoint(path, model, CheckpointMeta(model=model.spec, tile=tile, margin=margin)))
 
 
-def generated_volume(path: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> str:
-    """A raw-encoded zarr of EM-like noise, written slab by slab (never whole in memory)."""
+def generated_volume(path: Path, shape: tuple[int, int, int], chunks: tuple[int, int, int],
+                     flat_right: bool = False) -> str:
+    """A raw-encoded zarr of EM-like noise, written slab by slab (never whole in memory); flat_right: the right
+    half is constant resin (200)."""
     import tensorstore as ts
 
     store = ts.open({"driver": "zarr", "kvstore": f"file://{path}/",
@@ -98,6 +100,8 @@ def generated_volume(path: Path, shape: tuple[int, int, int], chunks: tuple[int,
     rng = np.random.default_rng(0)
     for z in range(0, shape[0], chunks[0]):
         slab = rng.integers(60, 200, (min(chunks[0], shape[0] - z), *shape[1:]), dtype=np.uint8)
+        if flat_right:
+            slab[:, :, shape[2] // 2:] = 200
         store[z : z + slab.shape[0]].write(slab).result()
     return str(path)
 

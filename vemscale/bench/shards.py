@@ -22,28 +22,11 @@ from typing import Any
 import numpy as np
 
 from vemscale.bench import emit
-from vemscale.bench.scale import infer_config, pixel_checkpoint
+from vemscale.bench.scale import generated_volume, infer_config, pixel_checkpoint
 
 
 def _objects(path: Path) -> int:
     return sum(1 for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and ".vemscale" not in str(p))
-
-
-def _volume(path: Path, shape: tuple[int, int, int], flat_right: bool) -> str:
-    """A raw zarr of EM-like noise (slab by slab); with flat_right its right half is constant resin (200)."""
-    import tensorstore as ts
-
-    chunks = (16, 256, 256)
-    store = ts.open({"driver": "zarr", "kvstore": f"file://{path}/",
-                     "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": "|u1", "compressor": None,
-                                  "fill_value": 0}}, create=True, delete_existing=True).result()
-    rng = np.random.default_rng(0)
-    for z in range(0, shape[0], chunks[0]):
-        slab = rng.integers(60, 200, (min(chunks[0], shape[0] - z), *shape[1:]), dtype=np.uint8)
-        if flat_right:
-            slab[:, :, shape[2] // 2:] = 200
-        store[z: z + slab.shape[0]].write(slab).result()
-    return str(path)
 
 
 def _run(**kw: Any) -> tuple[dict[str, Any], float]:
@@ -57,7 +40,7 @@ def _run(**kw: Any) -> tuple[dict[str, Any], float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="64,4096,4096")
-    ap.add_argument("--block", default="16,1024,1024")
+    ap.add_argument("--block", default="16,512,512")
     ap.add_argument("--chunks", default="16,128,128")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -69,16 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vemscale-bench-shards-") as tmp:
         root = Path(tmp)
         ckpt = pixel_checkpoint(root / "pixel", tile=256)
-        src = _volume(root / "vol.zarr", shape, flat_right=False)
+        src = generated_volume(root / "vol.zarr", shape, (16, 256, 256))
         common = dict(input=src, checkpoint=ckpt, block_shape=block, output_chunks=chunks, workers=a.workers,
                       write="labels", batch_size=8)
+        _run(output=str(root / "warm"), run_dir=str(root / "run-warm"), roi=f"0:{block[0]},0:{block[1]},0:{block[2]}",
+             **common)  # Ray and worker start-up, outside the timed runs
         runs = {}
         for name, sharded in (("unsharded", False), ("sharded", True)):
             s, t = _run(output=str(root / name), run_dir=str(root / f"run-{name}"), sharded=sharded, **common)
             runs[name] = {"seconds": round(t, 2), "voxels_per_s": round(voxels / t), "objects": _objects(root / name),
                           "shard_shape": s["shard_shape"]}
             print(name, runs[name], flush=True)
-        half = _volume(root / "half.zarr", shape, flat_right=True)
+        half = generated_volume(root / "half.zarr", shape, (16, 256, 256), flat_right=True)
         common["input"] = half
         for name, mask in (("nomask", None), ("mask_auto", "auto")):
             s, t = _run(output=str(root / name), run_dir=str(root / f"run-{name}"), mask=mask, **common)
