@@ -253,3 +253,14 @@ def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, 
     assert _layer_files(dest) == _layer_files(tmp_path / "clean")
     again = _export(source=crops["objects_url"], dest=str(dest), **args)  # a finished export recomputes nothing
     assert all(step["computed"] == 0 for step in again["blocks"].values())
+
+
+def test_reopening_a_layer_with_another_storage_layout_is_refused(tmp_path):
+    """Resume may reopen a layer only as it was stored: sharding, chunks or encoding changed would mix layouts."""
+    url = "file://" + str(tmp_path / "layer")
+    create_precomputed(url, (4, 64, 64), np.uint8, None, chunk=(2, 32, 32))
+    create_precomputed(url, (4, 64, 64), np.uint8, None, chunk=(2, 32, 32))  # the same layout reopens
+    for kw in (dict(chunk=(2, 32, 32), sharded=True), dict(chunk=(4, 32, 32)), dict(chunk=(2, 32, 32), encoding="jpeg")):
+        with pytest.raises(UserError, match="exists stored as"):
+            create_precomputed(url, (4, 64, 64), np.uint8, None, **kw)
+    assert read_info(url)["scales"][0]["chunk_sizes"] == [[32, 32, 2]]  # nothing was changed by the refusals

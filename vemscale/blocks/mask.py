@@ -9,7 +9,6 @@ block's mask is a pure function of its box: the same mask gives the same bytes f
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -98,16 +97,11 @@ def plan_mask(url: str, scale: int | str | None, target_shape: Sequence[int],
     return MaskMap(vol.url, scale, shape, tuple(factors))  # type: ignore[arg-type]
 
 
-@functools.lru_cache(maxsize=4)
-def _open(url: str, scale: int | str | None, run_id: str) -> Any:
-    from vemscale.io.volume import open_volume
-
-    return open_volume(url, scale=scale)
-
-
 def read_mask(mask: MaskMap, box: Sequence[slice], run_id: str = "") -> np.ndarray:
     """The tissue mask (bool, box's shape) of a target box, read from the mask volume (handle cached per run)."""
-    vol = _open(mask.url, mask.scale, run_id)
+    from vemscale.io.volume import open_volume_cached
+
+    vol = open_volume_cached(mask.url, mask.scale, run_id)
     mb = mask.mask_box(box)
     data = np.asarray(vol.read(((slice(0, 1),) if vol.ndim == 4 else ()) + mb))
     return mask.expand(data.reshape(data.shape[-3:]), box)

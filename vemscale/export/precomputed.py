@@ -195,11 +195,19 @@ def create_precomputed(
     chunk_xyz = [int(c) for c in chunk[::-1]]
     kv_url = layer_kvstore(url)
     kv = ts.KvStore.open(kv_url).result()
+    scale = _scale_metadata(size_xyz, resolution, chunk_xyz, encoding, jpeg_quality, sharded, shard_voxels, shard_bits)
     old = read_info(url)
     if old is not None:
         if overwrite:
             kv.delete_range(ts.KvStore.KeyRange()).result()
         elif _matches(old, layer_type, dt, num_channels, size_xyz, resolution):
+            s0 = old["scales"][0]  # the info stores `chunk_sizes`, a list with one entry per chunk layout
+            stored = {"chunk_size": (s0.get("chunk_sizes") or [None])[0], "encoding": s0.get("encoding"),
+                      "sharding": s0.get("sharding")}
+            want = {k: scale.get(k) for k in stored}
+            if stored != want:  # resuming onto another layout would mix two layouts in one layer
+                raise UserError(f"layer {url!r} exists stored as {stored}, not {want}; pass overwrite to replace it, "
+                                "or choose another output")
             return open_scale(url, 0, write=True)
         else:
             s0 = (old.get("scales") or [{}])[0]
@@ -210,8 +218,7 @@ def create_precomputed(
         "driver": "neuroglancer_precomputed",
         "kvstore": kv_url,
         "multiscale_metadata": {"type": layer_type, "data_type": dt.name, "num_channels": int(num_channels)},
-        "scale_metadata": _scale_metadata(size_xyz, resolution, chunk_xyz, encoding, jpeg_quality, sharded, shard_voxels,
-                                          shard_bits),
+        "scale_metadata": scale,
     }
     try:
         store = ts.open(spec, create=True).result()

@@ -22,6 +22,7 @@ from vemscale.blocks.grid import BlockGrid, Box, box_voxels
 from vemscale.blocks.mask import MaskMap, read_mask
 from vemscale.infer.outputs import open_layers
 from vemscale.infer.tiling import TileGrid, read_span
+from vemscale.io.volume import open_volume_cached
 
 
 class BlockJob(BaseModel):
@@ -79,13 +80,6 @@ def unpack(batch: dict[str, Any], name: str, i: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_input(url: str, scale: int | str | None, run_id: str = "") -> Any:
-    from vemscale.io.volume import open_volume
-
-    return open_volume(url, scale=scale)
-
-
-@functools.lru_cache(maxsize=4)
 def _open_outputs(specs_json: str, run_id: str = "") -> dict[str, Any]:
     return open_layers(json.loads(specs_json))
 
@@ -95,13 +89,15 @@ def read_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = BlockJob.model_validate(job)
     grid = BlockGrid.from_dict(spec.grid)
-    volume = _open_input(spec.input, spec.scale, spec.run_id)
+    volume = open_volume_cached(spec.input, spec.scale, spec.run_id)
     ids = np.asarray(batch["id"], np.int64)
     lead = (slice(None),) if volume.ndim == 4 else ()
-    masked = np.zeros(len(ids), np.int8)
+    masked, partial = np.zeros(len(ids), np.int8), np.zeros(len(ids), np.int8)
     if spec.mask is not None:  # a block with no tissue in its core is not read, predicted or stored
         mask = MaskMap.from_dict(spec.mask)
-        masked[:] = [not read_mask(mask, grid.box(int(i)), spec.run_id).any() for i in ids]
+        for j, i in enumerate(ids):
+            tissue = read_mask(mask, grid.box(int(i)), spec.run_id)
+            masked[j], partial[j] = not tissue.any(), tissue.any() and not tissue.all()
     boxes = [context_box(spec, grid, int(i)) for i in ids]
     empty = np.zeros((0,) * (volume.ndim), volume.dtype)
     store = volume.tensorstore
@@ -115,7 +111,7 @@ def read_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     return {"id": ids, "context": np.asarray([[[b.start, b.stop] for b in box] for box in boxes], np.int64),
             "data": packed, "data_shape": shapes, "read_s": np.full(len(ids), seconds / max(1, len(ids))),
             "context_voxels": np.asarray([0 if m else box_voxels(b) for b, m in zip(boxes, masked)], np.int64),
-            "masked": masked}
+            "masked": masked, "mask_partial": partial}
 
 
 def write_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
@@ -134,9 +130,7 @@ def write_blocks(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
             futures.extend(store[(slice(None), *box) if name == "probabilities" else box].write(0)
                            for name, store in stores.items())
             continue
-        tissue = read_mask(mask, box, spec.run_id) if mask is not None else None
-        if tissue is not None and tissue.all():
-            tissue = None
+        tissue = read_mask(mask, box, spec.run_id) if mask is not None and batch["mask_partial"][i] else None
         if "probabilities" in stores:
             probs = unpack(batch, "probabilities", i)
             if tissue is not None:

@@ -14,7 +14,6 @@ precomputed (an `image` layer with one channel per class, a raw `segmentation` l
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -87,16 +86,6 @@ def check_output(url: str) -> ParsedUrl:
     return parsed
 
 
-def _check_layout(url: str, store: ts.TensorStore, layout: Layout, overwrite: bool) -> None:
-    """An existing layer reopened for resume must be stored as planned (a sharded run over unsharded chunks is not)."""
-    unit = tuple(min(int(c), int(n)) for c, n in zip(store.chunk_layout.write_chunk.shape[-3:], store.shape[-3:]))
-    want = tuple(min(u, n) for u, n in zip(layout.write_unit, store.shape[-3:]))
-    if unit != want and not overwrite:
-        raise UserError(f"output layer {url!r} exists with write chunks {unit}, not {want} "
-                        f"({'sharded' if layout.shard else 'unsharded'}); pass overwrite=true to replace it, or "
-                        "choose another output")
-
-
 def prepare_outputs(
     output: str,
     volume_shape: tuple[int, int, int],
@@ -138,7 +127,6 @@ def prepare_outputs(
                                     channel_names=list(classes) if name == "probabilities" else None,
                                     overwrite=overwrite, name=name,
                                     shard=(lead + layout.shard) if layout.shard else None)
-        _check_layout(url, store, layout, overwrite)
         layers[name] = OutputLayer(name, url, shape, store.dtype.numpy_dtype.name, store.spec(minimal_spec=True).to_json())
     if not _is_precomputed(parsed):
         kv = ts.KvStore.open(kvstore_url(parsed)).result()

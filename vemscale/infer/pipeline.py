@@ -136,9 +136,8 @@ def validate(cfg: InferConfig) -> dict[str, Any]:
                  plan.chunk_shape, format_roi(plan.roi))
     mask = None
     if cfg.mask == "auto":
-        tissue_volume = open_volume(cfg.input, scale=cfg.mask_scale)  # UserError for a scale that does not exist
+        open_volume(cfg.input, scale=cfg.mask_scale)  # UserError for a scale that does not exist
         check_mask_cell(cfg.mask_cell)
-        del tissue_volume
     elif cfg.mask is not None:
         mask = plan_mask(cfg.mask, cfg.mask_scale, zyx, volume.voxel_size_xyz)
     elif cfg.mask_scale is not None:

@@ -18,7 +18,8 @@ import numpy as np
 
 from vemscale.blocks.grid import BlockGrid, Box
 from vemscale.checkpoint import WEIGHTS_FILE, CheckpointMeta, load_checkpoint, local_checkpoint
-from vemscale.infer.blockio import BlockJob, _open_input, pack, unpack
+from vemscale.infer.blockio import BlockJob, pack, unpack
+from vemscale.io.volume import open_volume_cached
 from vemscale.infer.outputs import argmax_labels, quantize_probabilities
 from vemscale.infer.tiling import Normalizer, TileBatcher, TileGrid, predict_boxes
 
@@ -89,7 +90,7 @@ class Predictor:
         self.init_seconds = time.perf_counter() - t0
 
     def _fallback(self) -> Any:
-        return _open_input(self.job.input, self.job.scale, self.job.run_id)
+        return open_volume_cached(self.job.input, self.job.scale, self.job.run_id)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0, wall0 = time.perf_counter(), time.time()
@@ -114,7 +115,7 @@ class Predictor:
                 labels_out.append(np.zeros((0, 0, 0), np.uint8) if probs is None else
                                   argmax_labels(probs, np.uint8 if probs.shape[0] <= 256 else np.uint32))
         n = len(ids)
-        out: dict[str, Any] = {k: batch[k] for k in ("id", "read_s", "context_voxels", "masked")}
+        out: dict[str, Any] = {k: batch[k] for k in ("id", "read_s", "context_voxels", "masked", "mask_partial")}
         if probs_out:
             out["probabilities"], out["probabilities_shape"] = pack(probs_out)
         if labels_out:

@@ -11,8 +11,10 @@ reuses it, a kill resumes it, and any other setting rebuilds it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,13 +73,12 @@ def tissue_cells(data: np.ndarray, cell: Sequence[int], min_std: float, dilate: 
 
 def tissue_block(batch: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Ray task: compute and write the mask cells of each mask block (read with a `dilate`-cell halo)."""
-    import tensorstore as ts
+    from vemscale.infer.blockio import _open_outputs
+    from vemscale.io.volume import open_volume_cached
 
-    from vemscale.io.volume import open_volume
-
-    vol = open_volume(job["input"], scale=job["scale"])
+    vol = open_volume_cached(job["input"], job["scale"], job["run_id"])
     grid = BlockGrid.from_dict(job["grid"])
-    out = ts.open(job["mask_spec"], open=True, write=True).result()
+    out = _open_outputs(json.dumps({MASK_LAYER: job["mask_spec"]}, sort_keys=True), job["run_id"])[MASK_LAYER]
     cell, d = job["cell"], int(job["dilate"])
     counts = []
     for index in np.asarray(batch["id"], np.int64):
@@ -109,14 +110,15 @@ def make_tissue_mask(input_url: str, scale: int | str | None, output: str, cell:
     mask_voxel = tuple(float(v) * c for v, c in zip(voxel, cell[::-1]))
     describe = {"version": TISSUE_VERSION, "input": volume_identity(vol), "scale": scale, "cell": list(cell),
                 "min_std": float(min_std), "dilate": int(dilate)}
-    root = kvstore_url(parse_url(output))
+    parsed = parse_url(output)
     ledger = Ledger.open(ledger_url(output, MASK_LAYER), describe)
-    url = join_url(parse_url(output).location if not parse_url(output).remote else root, MASK_LAYER)
+    url = join_url(kvstore_url(parsed) if parsed.remote else parsed.location, MASK_LAYER)
     block = tuple(min(b, s) for b, s in zip(MASK_BLOCK, mask_shape))
     store = create_ome_zarr(url, mask_shape, np.uint8, block, mask_voxel, overwrite=ledger.fresh, name=MASK_LAYER)
     grid = BlockGrid.create(mask_shape, block, block)
     job = {"input": vol.url, "scale": scale, "grid": grid.to_dict(), "cell": list(cell), "min_std": float(min_std),
-           "dilate": int(dilate), "mask_spec": store.spec(minimal_spec=True).to_json()}
+           "dilate": int(dilate), "mask_spec": store.spec(minimal_spec=True).to_json(),
+           "run_id": uuid.uuid4().hex}
     totals = {"tissue_cells": 0}
 
     def fold(batch: dict[str, Any]) -> None:

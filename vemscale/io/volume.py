@@ -8,6 +8,7 @@ and a voxel size (x,y,z in nm) from the metadata or the caller, or None when unk
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ from vemscale.io.urls import (
     parse_url,
 )
 
-__all__ = ["Volume", "open_volume", "array_volume", "create_ome_zarr", "parse_voxel_size", "ACCEPTED_FORMATS"]
+__all__ = ["Volume", "open_volume", "open_volume_cached", "array_volume", "create_ome_zarr", "parse_voxel_size", "ACCEPTED_FORMATS"]
 
 BoxLike = Any  # a slice, an int, or a tuple of them (one per leading axis)
 
@@ -214,3 +215,9 @@ def open_volume(url: str | os.PathLike[str] | Volume, scale: int | str | None = 
     if scale not in (None, 0, "0"):
         raise UserError(f"{parsed.original!r} has a single scale; leave the scale out")
     return Volume(parsed.original, reader, override, scale)
+
+
+@functools.lru_cache(maxsize=8)
+def open_volume_cached(url: str, scale: int | str | None = None, run_id: str = "") -> Volume:
+    """`open_volume` once per (url, scale, run) in a worker: block tasks reuse the handle, a new run reopens."""
+    return open_volume(url, scale=scale)
