@@ -168,18 +168,39 @@ def _ledger_count(out: str, blocks: int) -> int:
     return Ledger(ledger_url(out), info["fingerprint"], info["generation"]).count_done(blocks)
 
 
-def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local):
-    cfg = config(data, "killed")
-    blocks = BlockGrid.create(SHAPE, cfg.output_chunks, cfg.block_shape).num_blocks
-    args = [f"input={cfg.input}", f"output={cfg.output}", f"checkpoint={cfg.checkpoint}", "block_shape=2,48,48",
-            "output_chunks=2,48,48", "workers=1", "threads_per_worker=1", f"batch_size={BATCH}", "progress=false",
-            f"run_dir={cfg.run_dir}", "blocks_per_batch=2"]  # small batches, so the kill lands mid-run
-    kill_cli_when(["infer", *args], lambda: _ledger_count(cfg.output, blocks) >= 5, timeout=150)
+def _shard_bytes(out: str | Path) -> dict[str, bytes]:
+    """Every file of the output's layers (shards and array metadata), by path inside the layer."""
+    return {str(p.relative_to(out)): p.read_bytes() for layer in ("labels", "probabilities")
+            for p in (Path(out) / layer).rglob("*") if p.is_file()}
+
+
+SHARDED = dict(block_shape=(2, 96, 96), output_chunks=(2, 48, 48), sharded=True, shard_shape=(2, 96, 96))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(data, ray_local):
+    """One uninterrupted zarr-v3-sharded run (4 chunks per shard, one shard per block)."""
+    cfg = config(data, "sh-zarr", **SHARDED)
+    return cfg, run_infer(cfg)["summary"]
+
+
+def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local, sharded_run):
+    """A sharded output killed mid-run resumes to the same bytes, file by file, as the uninterrupted run."""
+    cfg = config(data, "killed", **SHARDED)
+    blocks = BlockGrid.create(SHAPE, (2, 96, 96), cfg.block_shape).num_blocks
+    args = [f"input={cfg.input}", f"output={cfg.output}", f"checkpoint={cfg.checkpoint}", "block_shape=2,96,96",
+            "output_chunks=2,48,48", "sharded=true", "shard_shape=2,96,96", "workers=1", "threads_per_worker=1",
+            f"batch_size={BATCH}", "progress=false", f"run_dir={cfg.run_dir}",
+            "blocks_per_batch=1"]  # small batches, so the kill lands mid-run
+    kill_cli_when(["infer", *args], lambda: _ledger_count(cfg.output, blocks) >= 4, timeout=150)
     done = _ledger_count(cfg.output, blocks)
-    assert 5 <= done < blocks
+    assert 4 <= done < blocks
     s = run_infer(cfg)["summary"]
-    assert (s["computed"], s["skipped"]) == (blocks - done, done)
+    assert (s["computed"], s["skipped"]) == (blocks - done, done) and s["sharded"]
     assert_equals_reference(data, cfg.output)
+    resumed, whole = _shard_bytes(cfg.output), _shard_bytes(sharded_run[0].output)
+    assert len(resumed) > 2 * blocks and resumed.keys() == whole.keys()
+    assert [k for k in resumed if resumed[k] != whole[k]] == []
 
 
 def test_killed_actor_is_restarted_and_the_run_completes(data, ray_local):
@@ -350,13 +371,12 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
-def test_sharded_zarr3_and_precomputed_equal_the_reference(data, ray_local):
+def test_sharded_zarr3_and_precomputed_equal_the_reference(data, ray_local, sharded_run):
     """Forced sharding: same bytes as the whole-volume reference, read back by zarr-python and cloud-volume."""
     import zarr
     from cloudvolume import CloudVolume
 
-    cfg = config(data, "sh-zarr", block_shape=(2, 96, 96), sharded=True, shard_shape=(2, 96, 96))
-    s = run_infer(cfg)["summary"]
+    cfg, s = sharded_run
     assert s["sharded"] and s["shard_shape"] == (2, 96, 96)
     assert_equals_reference(data, cfg.output)
     z = zarr.open_array(f"{cfg.output}/labels/0", mode="r")

@@ -172,6 +172,30 @@ def _done(output: Path, step: str) -> int:
     return total
 
 
+def test_sharded_segmentation_equals_cc3d_and_zarr_reads_it(probs, ray_local, tmp_path):
+    """sharded=true: zarr v3 shards (one writer each: shards divide the block) hold the same ids as cc3d."""
+    import zarr
+
+    out = tmp_path / "out"
+    result = run_instances(_cfg(probs["url"], out, classes=["mito", "vesicle"], block_shape=(16, 64, 64),
+                                sharded=True, shard_shape=(16, 64, 32)))
+    assert result["sharded"] and result["shard_shape"] == [16, 64, 32]
+    ref = reference_instances(reference_classes(probs["p"], 0.5), 26, 0)
+    z = zarr.open_array(str(out / "segmentation" / "0"), mode="r")
+    assert z.metadata.zarr_format == 3 and tuple(z.shards) == (16, 64, 32) and tuple(z.chunks) == (8, 32, 32)
+    np.testing.assert_array_equal(z[...], ref)
+    np.testing.assert_array_equal(open_volume(str(out / "segmentation")).read(), ref)
+    shards = [p for p in (out / "segmentation" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(shards) == 3 * 3 * 6  # z 40/16, y 150/64, x 170/32 shards, vs 5 * 5 * 6 chunks unsharded
+    group = json.loads((out / "zarr.json").read_text())
+    assert group["node_type"] == "group" and group["attributes"]["vemscale"]["kind"] == "instances"
+    assert not (out / ".zattrs").exists()
+    with pytest.raises(UserError, match="does not divide block_shape"):
+        run_instances(_cfg(probs["url"], tmp_path / "bad", classes=["mito"], block_shape=(16, 64, 64),
+                           sharded=True, shard_shape=(16, 96, 32)))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_another_min_size_reruns_only_the_last_passes(probs, ray_local, tmp_path):
     out = tmp_path / "out"
     cfg = _cfg(probs["url"], out, classes=["mito", "vesicle"], block_shape=(8, 64, 64))

@@ -34,7 +34,7 @@ from vemscale.infer.outputs import check_output, prepare_outputs
 from vemscale.infer.predictor import Predictor, grid_and_normalizer, weights_sha256
 from vemscale.infer.tiling import TileGrid
 from vemscale.infer.tissue import check_mask_cell, make_tissue_mask
-from vemscale.io.shards import DEFAULT_SHARD_VOXELS, Layout, plan_layout
+from vemscale.io.shards import Layout, ShardKeys, plan_layout
 from vemscale.io.urls import parse_url
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 PREDICTION_VERSION = 2  # bump when the bytes written for the same inputs change
 
 
-class InferConfig(StageConfig):
+class InferConfig(StageConfig, ShardKeys):
     """`vemscale infer`: predict a volume blockwise with a checkpoint."""
 
     input: str = Field(description="volume URL (zarr, OME-Zarr, n5, precomputed, tiff...; local or s3/gs)")
@@ -63,9 +63,6 @@ class InferConfig(StageConfig):
     io_cpus: Literal["auto"] | float = "auto"  # Ray CPUs per read/write task; auto: 0 when the actors take every CPU
     blocks_per_batch: Literal["auto"] | int = "auto"  # block ids per Ray Data block; auto: ~16 MiB, >= 4 per actor
     num_gpus_per_worker: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs, else 0
-    sharded: Literal["auto"] | bool = "auto"  # auto: sharded when a layer would have > 4096 chunk objects
-    shard_shape: tuple[int, int, int] | None = None  # z,y,x voxels per shard; None: largest dividing the block <= shard_voxels
-    shard_voxels: int = Field(DEFAULT_SHARD_VOXELS, ge=1)  # target voxels per shard (x channels for probabilities)
     mask: str | None = None  # tissue mask: a volume URL (non-zero = compute, any scale), or "auto"; None = everything
     mask_scale: int | str | None = None  # scale of the mask volume; with mask=auto, the input scale the mask is made from
     mask_cell: tuple[int, int, int] = (4, 32, 32)  # mask=auto: z,y,x voxels (of mask_scale) per mask cell
@@ -83,7 +80,7 @@ class InferConfig(StageConfig):
             return ",".join(v)
         return v
 
-    @field_validator("mask_cell", "shard_shape")
+    @field_validator("mask_cell")
     @classmethod
     def _positive_triple(cls, v: Any) -> Any:
         if v is not None and min(v) < 1:

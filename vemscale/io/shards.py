@@ -19,8 +19,11 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
+from pydantic import Field, field_validator
+
+from vemscale.config import Strict
 from vemscale.errors import UserError
 
 SHARD_ABOVE_CHUNKS = 4096  # sharded="auto": shard a layer that would have more chunk objects than this
@@ -105,6 +108,28 @@ def precomputed_shard_bits(chunk_xyz: Sequence[int], size_xyz: Sequence[int], ta
         if _fits(morton_box(bits, k), chunk_xyz, block_xyz, size_xyz):
             best = k
     return best
+
+
+class ShardKeys(Strict):
+    """Config keys of a stage that writes a layer by blocks: whether and how its layers are sharded."""
+
+    sharded: Literal["auto"] | bool = "auto"  # auto: sharded when a layer would have > 4096 chunk objects
+    shard_shape: tuple[int, int, int] | None = None  # z,y,x voxels per shard; None: largest dividing the block <= shard_voxels
+    shard_voxels: int = Field(DEFAULT_SHARD_VOXELS, ge=1)  # target voxels per shard (x channels for probabilities)
+
+    @field_validator("shard_shape", mode="before")
+    @classmethod
+    def _shard_triple(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in v.replace(" ", "").split(",")]
+        return v
+
+    @field_validator("shard_shape")
+    @classmethod
+    def _shard_positive(cls, v: Any) -> Any:
+        if v is not None and min(v) < 1:
+            raise ValueError("must be three positive integers z,y,x")
+        return v
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,14 @@ from pydantic import Field, field_validator
 
 from vemscale.config import StageConfig, absolute_url, dump_config, load_cli_config
 from vemscale.errors import UserError
+from vemscale.io.shards import ShardKeys
 
 __all__ = ["InstancesConfig", "run_instances", "add_arguments", "run_cli"]
 
 log = logging.getLogger(__name__)
 
 
-class InstancesConfig(StageConfig):
+class InstancesConfig(StageConfig, ShardKeys):
     """`vemscale instances`: connected objects per class, their ids, morphometrics and plots."""
 
     run_dir: Path = Path("runs/instances")
@@ -44,6 +45,7 @@ class InstancesConfig(StageConfig):
     voxel_size: tuple[float, float, float] | None = None  # x,y,z nm; default from the source
     block_shape: tuple[int, int, int] = (64, 512, 512)  # z,y,x voxels per block (a whole number of chunks)
     chunk: tuple[int, int, int] = (16, 128, 128)  # z,y,x chunks of the segmentation layer
+    # sharded / shard_shape / shard_voxels (vemscale.io.shards.ShardKeys): a sharded layer is OME-Zarr v3
     max_in_flight: int | None = Field(None, ge=1)  # Ray tasks at once per pass; default 2 x the cluster's CPUs
     blocks_per_batch: int | None = Field(None, ge=1)
     keep_scratch: bool = True  # keep the provisional labels, so a rerun with another min_size skips 2 passes
@@ -85,7 +87,7 @@ def _check_output(output: str) -> None:
         path = parsed.location
         if os.path.isfile(path):
             raise UserError(f"output {output!r} is a file; the output is a directory")
-        if os.path.isdir(path) and os.listdir(path) and not {".zattrs", "segmentation"} & set(os.listdir(path)):
+        if os.path.isdir(path) and os.listdir(path) and not {".zattrs", "zarr.json", "segmentation"} & set(os.listdir(path)):
             raise UserError(f"output {output!r} is a non-empty directory that is not a vemscale instances output")
 
 
@@ -94,7 +96,8 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
     import tensorstore as ts
 
     from vemscale.blocks.grid import BlockGrid
-    from vemscale.io.ome_zarr import create_ome_zarr
+    from vemscale.io.ome_zarr import create_ome_zarr, write_group_attrs
+    from vemscale.io.shards import plan_layout
     from vemscale.io.urls import join_url, kvstore_url, parse_url
     from vemscale.objects.pipeline import SCRATCH_DIR, run_passes
     from vemscale.objects.source import open_source
@@ -116,19 +119,23 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
     voxel_nm3 = voxel[0] * voxel[1] * voxel[2]
     min_voxels = int(math.ceil(cfg.min_size_nm3 / voxel_nm3 - 1e-9)) if cfg.min_size_nm3 > 0 else 0
     chunk = tuple(min(c, s) for c, s in zip(cfg.chunk, shape))
-    grid = BlockGrid.create(shape, chunk, cfg.block_shape, None, chunk_name="segmentation chunk")
+    BlockGrid.create(shape, chunk, cfg.block_shape, None, chunk_name="segmentation chunk")
+    layout = plan_layout("zarr", cfg.sharded, shape, chunk, cfg.block_shape, shard_shape=cfg.shard_shape,
+                         target_voxels=cfg.shard_voxels)
+    # blocks cover whole shards: each shard of `segmentation` and `provisional` has one writer
+    grid = BlockGrid.create(shape, layout.write_unit, cfg.block_shape, None,
+                            chunk_name="shard" if layout.shard else "segmentation chunk")
     # every check passed: create (or reopen) the layers
     seg = create_ome_zarr(join_url(output, "segmentation"), shape, np.uint64, chunk, voxel,
-                          overwrite=cfg.overwrite, name="segmentation")
+                          overwrite=cfg.overwrite, name="segmentation", shard=layout.shard)
     prov = create_ome_zarr(join_url(output, SCRATCH_DIR, "provisional"), shape, np.uint64, chunk, voxel,
-                           overwrite=cfg.overwrite, name="provisional")
+                           overwrite=cfg.overwrite, name="provisional", shard=layout.shard)
     kv = ts.KvStore.open(kvstore_url(parse_url(output)) + "/").result()
-    kv.write(".zgroup", json.dumps({"zarr_format": 2}).encode()).result()
     meta = {"vemscale": {"kind": "instances", "classes": source.classes, "layers": {"segmentation": "segmentation"},
                          "table": "objects", "source": source.volume.url, "threshold": cfg.threshold,
                          "min_size_nm3": cfg.min_size_nm3, "connectivity": cfg.connectivity,
-                         "voxel_size_xyz": voxel}}
-    kv.write(".zattrs", json.dumps(meta, indent=2).encode()).result()
+                         "voxel_size_xyz": voxel, "layout": layout.to_dict()}}
+    write_group_attrs(kv, meta, 3 if layout.shard else 2)
     ensure_ray()
     summary = run_passes(source, output, grid, prov.spec(minimal_spec=True).to_json(),
                          seg.spec(minimal_spec=True).to_json(), voxel, cfg.connectivity, min_voxels,
@@ -144,7 +151,8 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
     result = {
         "output": output, "segmentation": join_url(output, "segmentation"), "table": join_url(output, "objects"),
         "plots": join_url(output, "plots", "objects.png"), "classes": source.classes, "shape": list(shape),
-        "voxel_size_xyz": voxel, "block_shape": list(grid.block_shape), "min_voxels": min_voxels, **summary,
+        "voxel_size_xyz": voxel, "block_shape": list(grid.block_shape), "min_voxels": min_voxels,
+        "sharded": layout.shard is not None, "shard_shape": list(layout.shard) if layout.shard else None, **summary,
         "seconds": round(seconds, 3), "voxels_per_s": round(math.prod(shape) / seconds, 1),
         "view": f"vemscale export {join_url(output, 'segmentation')} precomputed://<dest> --mesh --pyramid",
     }
