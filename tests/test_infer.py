@@ -418,6 +418,11 @@ def test_mask_skips_blocks_without_tissue_and_keeps_the_rest_exact(data, ray_loc
     assert 0 < empty < grid.num_blocks and s["masked"] == empty and s["computed"] == grid.num_blocks
     assert s["masked_voxels"] == sum(np.prod([b.stop - b.start for b in grid.box(i)])
                                      for i in range(grid.num_blocks) if not tissue[grid.box(i)].any())
+    # tiles run: only those whose 48x48 core (64 tile, margin 8; blocks are whole cores) holds tissue
+    core = 48
+    with_tissue = sum(tissue[z, a : a + core, b : b + core].any() for z in range(SHAPE[0])
+                      for a in range(0, SHAPE[1], core) for b in range(0, SHAPE[2], core))
+    assert with_tissue < SHAPE[0] * 5 * 5 and round(s["tiles"]) == with_tissue
     probs, labels = outputs(cfg.output)
     assert np.array_equal(labels, np.where(tissue, data.labels, 0))
     assert np.array_equal(probs, np.where(tissue, data.probs, 0))

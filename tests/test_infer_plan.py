@@ -95,3 +95,36 @@ def test_tiles_of_many_blocks_share_batches_and_keep_every_byte():
     odd = TileBatcher(model, 8, grid.margin)
     list(predict_boxes(odd, [(numpy_reader(vol), b) for b in boxes[:11]], vol.shape, grid, norm))
     assert (odd.tiles_run, odd.batches_run) == (11, 2)  # 8 + 3 (the last one padded to 8)
+
+
+@pytest.mark.parametrize("mode", ["xy", "orthoplane"])
+def test_tiles_without_tissue_are_skipped_and_tissue_voxels_keep_their_bytes(mode):
+    """A box on the tissue's edge runs only the tiles whose core holds tissue; inside the tissue the bytes equal
+    the whole-volume sliding window (outside, the writer stores background)."""
+    from vemscale.infer.tiling import predict_volume_orthoplane, predict_volume_xy
+
+    torch.manual_seed(0)
+    model = create_model("tiny", in_chans=1, num_classes=2).eval()
+    vol = np.random.default_rng(3).integers(0, 255, (4, 48, 72), dtype=np.uint8)
+    grid, norm = TileGrid(tile=32, margin=4), Normalizer(255.0, (0.5,), (0.2,))
+    tissue = np.zeros(vol.shape, bool)
+    tissue[1:3, 5:20, 30:33] = True  # a thin strip: in xy it touches tile cores x 24-48 only, y 0-24
+    box = (slice(0, 4), slice(0, 48), slice(0, 72))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batcher = TileBatcher(model, 4, grid.margin)
+        got = next(predict_boxes(batcher, [(numpy_reader(vol), box, tissue)], vol.shape, grid, norm, mode))
+        whole = (predict_volume_xy if mode == "xy" else predict_volume_orthoplane)(model, vol, grid, norm, batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(got[:, tissue], whole[:, tissue])
+    # tiles with tissue in their core, counted plane by plane (cores of 24 on the global grid)
+    expect = 0
+    for order in ((0, 1, 2),) if mode == "xy" else ((0, 1, 2), (1, 0, 2), (2, 0, 1)):
+        t = tissue.transpose(order)
+        expect += sum(t[i, a : a + 24, b : b + 24].any() for i in range(t.shape[0])
+                      for a in range(0, t.shape[1], 24) for b in range(0, t.shape[2], 24))
+    full = sum(vol.shape[o[0]] * -(-vol.shape[o[1]] // 24) * -(-vol.shape[o[2]] // 24)
+               for o in (((0, 1, 2),) if mode == "xy" else ((0, 1, 2), (1, 0, 2), (2, 0, 1))))
+    assert batcher.tiles_run == expect and expect < full / 3

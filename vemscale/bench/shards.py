@@ -1,14 +1,16 @@
 """Benchmark of sharded outputs and tissue masks: objects written, write throughput, time saved on empty resin.
 
-Each figure is a ratio against a baseline measured in the same run, on a generated volume (EM-like noise;
-`pixel_linear` model, so the model costs little and storage dominates):
+Each figure is a ratio against a baseline measured in the same run, on generated volumes (EM-like noise):
 
-- shards: `run_infer` with `write=labels`, `sharded=true` vs `sharded=false` (same blocks, chunks, workers):
-  output objects on disk and voxels/s.
-- mask: the same volume with its right half flat resin, `mask=auto` (the mask pass included) vs no mask.
+- shards: `run_infer` with `write=labels`, `sharded=true` vs `sharded=false` (same blocks, chunks, workers;
+  the `pixel_linear` model, so the model costs little and storage dominates): output objects on disk, voxels/s.
+- mask: a volume whose right half is flat resin, `mask=auto` (its mask pass included) vs no mask, with the
+  `tiny` TransUNet (tile 288, margin 16: a tile core is 256, so tiles do not straddle 512 blocks) so that
+  prediction costs what it costs in a real run.
 
-    python -m vemscale.bench.shards                       # 64x4096x4096 (1.07 GVoxel), ~15 min on 2 cores
-    python -m vemscale.bench.shards --shape 16,2048,2048  # quick
+    python -m vemscale.bench.shards                       # shards on 64x4096x4096 (1.07 GVoxel), mask on
+                                                          # 16x4096x4096; ~25 min on 2 cores
+    python -m vemscale.bench.shards --shape 16,2048,2048 --mask-shape 16,2048,2048  # quick
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vemscale.bench import emit
-from vemscale.bench.scale import generated_volume, infer_config, pixel_checkpoint
+from vemscale.bench.scale import generated_volume, infer_config, pixel_checkpoint, tiny_checkpoint
 
 
 def _objects(path: Path) -> int:
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", default="16,512,512")
     ap.add_argument("--chunks", default="16,128,128")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--mask-shape", default="16,4096,4096")
+    ap.add_argument("--mask-workers", type=int, default=2)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     shape = tuple(int(v) for v in a.shape.split(","))
@@ -63,14 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = {"seconds": round(t, 2), "voxels_per_s": round(voxels / t), "objects": _objects(root / name),
                           "shard_shape": s["shard_shape"]}
             print(name, runs[name], flush=True)
-        half = generated_volume(root / "half.zarr", shape, (16, 256, 256), flat_right=True)
-        common["input"] = half
+        mshape = tuple(int(v) for v in a.mask_shape.split(","))
+        half = generated_volume(root / "half.zarr", mshape, (16, 256, 256), flat_right=True)
+        tiny = tiny_checkpoint(root / "tiny", tile=288, margin=16)
+        mask_common = dict(common, input=half, checkpoint=tiny, workers=a.mask_workers)
+        _run(output=str(root / "warm-tiny"), run_dir=str(root / "run-warm-tiny"),
+             roi=f"0:{block[0]},0:{block[1]},0:{block[2]}", **mask_common)
         for name, mask in (("nomask", None), ("mask_auto", "auto")):
-            s, t = _run(output=str(root / name), run_dir=str(root / f"run-{name}"), mask=mask, **common)
-            runs[name] = {"seconds": round(t, 2), "masked_blocks": s["masked"], "blocks": s["blocks"]}
+            s, t = _run(output=str(root / name), run_dir=str(root / f"run-{name}"), mask=mask, **mask_common)
+            runs[name] = {"seconds": round(t, 2), "masked_blocks": s["masked"], "blocks": s["blocks"],
+                          "tiles": s["tiles"]}
             print(name, runs[name], flush=True)
     result = {
-        "shape": list(shape), "gvoxels": voxels / 1e9, "block": list(block), "chunks": list(chunks), **runs,
+        "shape": list(shape), "gvoxels": voxels / 1e9, "mask_shape": list(mshape), "block": list(block),
+        "chunks": list(chunks), **runs,
         "objects_ratio_unsharded_over_sharded": round(runs["unsharded"]["objects"] / max(1, runs["sharded"]["objects"]), 1),
         "throughput_ratio_sharded_over_unsharded": round(runs["unsharded"]["seconds"] / runs["sharded"]["seconds"], 3),
         "time_ratio_mask_auto_over_nomask": round(runs["mask_auto"]["seconds"] / runs["nomask"]["seconds"], 3),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vemscale.blocks.grid import BlockGrid, Box
+from vemscale.blocks.mask import MaskMap, read_mask
 from vemscale.checkpoint import WEIGHTS_FILE, CheckpointMeta, load_checkpoint, local_checkpoint
 from vemscale.infer.blockio import BlockJob, pack, unpack
 from vemscale.io.volume import open_volume_cached
@@ -87,6 +88,7 @@ class Predictor:
         self.tiles, self.normalize = grid_and_normalizer(meta)
         self.grid = BlockGrid.from_dict(self.job.grid)
         self.layers = set(self.job.layers)
+        self.mask = MaskMap.from_dict(self.job.mask) if self.job.mask is not None else None
         self.init_seconds = time.perf_counter() - t0
 
     def _fallback(self) -> Any:
@@ -103,7 +105,10 @@ class Predictor:
             ctx = tuple(slice(int(a), int(b)) for a, b in batch["context"][i])
             reader = BlockReader(unpack(batch, "data", i), ctx, self._fallback)  # type: ignore[arg-type]
             readers.append(reader)
-            jobs.append((reader, self.grid.box(int(index))))
+            box = self.grid.box(int(index))
+            # a block on the tissue's edge: only the tiles with tissue run (the rest is background when written)
+            tissue = read_mask(self.mask, box, self.job.run_id) if batch["mask_partial"][i] else None
+            jobs.append((reader, box, tissue))
         batcher = TileBatcher(self.model, self.job.batch_size, self.tiles.margin, self.device, self.amp_dtype)
         probs_out, labels_out = [], []
         predicted = predict_boxes(batcher, jobs, self.grid.volume_shape, self.tiles, self.normalize, self.job.mode)

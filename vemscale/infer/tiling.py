@@ -191,11 +191,23 @@ class PlaneTiles:
     ny: int  # tiles along y
     nx: int  # tiles along x
     crop: tuple[slice, slice]  # y, x crop of the assembled core canvas to the box
+    keep: np.ndarray | None = None  # (nz * ny * nx,) bool: tiles cut (None: all); the others' cores are 0
+
+
+def tiles_with_tissue(tissue: np.ndarray, ny: int, nx: int, core: int, crop: tuple[slice, slice]) -> np.ndarray:
+    """(nz * ny * nx,) bool: the tiles whose core (inside the box) holds a tissue voxel of `tissue` (z, y, x)."""
+    canvas = np.zeros((tissue.shape[0], ny * core, nx * core), bool)
+    canvas[:, crop[0], crop[1]] = tissue
+    return canvas.reshape(tissue.shape[0], ny, core, nx, core).any(axis=(2, 4)).ravel()
 
 
 def xy_tiles(read: Reader, box: tuple[slice, slice, slice], volume_shape: tuple[int, int, int], grid: TileGrid,
-             normalize: Normalizer) -> PlaneTiles:
-    """Cut the global-grid tiles that cover `box` slice by slice in xy (context mirrored at the volume bounds)."""
+             normalize: Normalizer, tissue: np.ndarray | None = None) -> PlaneTiles:
+    """Cut the global-grid tiles that cover `box` slice by slice in xy (context mirrored at the volume bounds).
+
+    With `tissue` (a bool mask of the box), tiles whose core has no tissue are not cut (their output is
+    background anyway), so a block on the edge of the tissue costs its tissue tiles only.
+    """
     zs, ys, xs = box
     y0, y1 = grid.window(ys.start, ys.stop)
     x0, x1 = grid.window(xs.start, xs.stop)
@@ -203,20 +215,27 @@ def xy_tiles(read: Reader, box: tuple[slice, slice, slice], volume_shape: tuple[
     c, nz = window.shape[0], window.shape[1]
     ky, kx = grid.tile_range(ys.start, ys.stop), grid.tile_range(xs.start, xs.stop)
     t, s = grid.tile, grid.core
-    tiles = np.empty((nz * len(ky) * len(kx), c, t, t), np.float32)
-    i = 0
+    core_y0, core_x0 = ky.start * s, kx.start * s
+    crop = (slice(ys.start - core_y0, ys.stop - core_y0), slice(xs.start - core_x0, xs.stop - core_x0))
+    keep = None if tissue is None else tiles_with_tissue(tissue, len(ky), len(kx), s, crop)
+    tiles = np.empty((nz * len(ky) * len(kx) if keep is None else int(keep.sum()), c, t, t), np.float32)
+    i = j = 0
     for z in range(nz):
         for a in range(len(ky)):
             for b in range(len(kx)):
-                tiles[i] = window[:, z, a * s : a * s + t, b * s : b * s + t]
-                i += 1
-    core_y0, core_x0 = ky.start * s, kx.start * s
-    crop = (slice(ys.start - core_y0, ys.stop - core_y0), slice(xs.start - core_x0, xs.stop - core_x0))
-    return PlaneTiles(tiles, nz, len(ky), len(kx), crop)
+                if keep is None or keep[j]:
+                    tiles[i] = window[:, z, a * s : a * s + t, b * s : b * s + t]
+                    i += 1
+                j += 1
+    return PlaneTiles(tiles, nz, len(ky), len(kx), crop, keep)
 
 
 def assemble_xy(plane: PlaneTiles, cores: np.ndarray) -> np.ndarray:
-    """Tile cores (N, K, core, core) -> probabilities (K, z, y, x) of the box."""
+    """Tile cores (N, K, core, core) -> probabilities (K, z, y, x) of the box (0 where a tile was not cut)."""
+    if plane.keep is not None:
+        full = np.zeros((plane.keep.size, *cores.shape[1:]), np.float32)
+        full[plane.keep] = cores
+        cores = full
     k, s = cores.shape[1], cores.shape[-1]
     grid = cores.reshape(plane.nz, plane.ny, plane.nx, k, s, s).transpose(3, 0, 1, 4, 2, 5)
     canvas = grid.reshape(k, plane.nz, plane.ny * s, plane.nx * s)
@@ -248,16 +267,18 @@ def plane_orders(mode: str) -> tuple[tuple[int, int, int], ...]:
 
 def predict_boxes(
     batcher: TileBatcher,
-    jobs: list[tuple[Reader, tuple[slice, slice, slice]]],
+    jobs: list[tuple[Reader, tuple[slice, slice, slice]] | tuple[Reader, tuple[slice, slice, slice], np.ndarray | None]],
     volume_shape: tuple[int, int, int],
     grid: TileGrid,
     normalize: Normalizer,
     mode: str = "xy",
 ) -> Iterator[np.ndarray]:
-    """Class probabilities (K, z, y, x) float32 of each (reader, core box), in order, tiles packed across boxes.
+    """Class probabilities (K, z, y, x) float32 of each (reader, core box[, tissue mask]), in order, tiles packed
+    across boxes.
 
     Each plane is tiled on its own global grid through a permuted view, mirrored at volume bounds only, so a
     voxel's value does not depend on the box it was predicted in. Boxes are yielded as soon as their tiles ran.
+    Tiles without tissue are skipped (probabilities 0 there).
     """
     orders = plane_orders(mode)
     waiting: list[tuple[list[int], list[PlaneTiles]]] = []
@@ -274,12 +295,15 @@ def predict_boxes(
                 total = np.ascontiguousarray(probs) if total is None else total + probs
             yield total if len(orders) == 1 else total / np.float32(len(orders))
 
-    for read, box in jobs:
+    for job in jobs:
+        read, box, tissue = (*job, None)[:3]
         rids, planes = [], []
         for order in orders:
             pbox = tuple(box[i] for i in order)
             pshape = tuple(volume_shape[i] for i in order)
-            plane = xy_tiles(read if order == (0, 1, 2) else permuted_reader(read, order), pbox, pshape, grid, normalize)
+            ptissue = None if tissue is None else tissue.transpose(order)
+            plane = xy_tiles(read if order == (0, 1, 2) else permuted_reader(read, order), pbox, pshape, grid, normalize,
+                             ptissue)
             planes.append(plane)
             rids.append(batcher.submit(plane.tiles))
             plane.tiles = None  # type: ignore[assignment]  # queued in the batcher; free it there once run
