@@ -19,6 +19,7 @@ from vemscale.errors import UserError
 # stage name -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("vemscale.io.ingest", "convert a TIFF/HDF5/MRC/slice folder into an OME-Zarr image"),
+    "curate": ("vemscale.curate.run", "a pre-training corpus from many volumes/image folders: sample, filter, de-duplicate"),
     "pretrain": ("vemscale.train.pretrain", "self-supervised pre-training on unlabeled EM (RETINA or MoCoV2, Ray Train)"),
     "finetune": ("vemscale.train.finetune", "fine-tune a segmentation model on labelled volumes (Ray Train)"),
     "sweep": ("vemscale.tune.run", "fine-tuning over arms x hyperparameters x seeds on Ray Tune, with statistics and plots"),

@@ -207,7 +207,16 @@ class VolumeSource:
         return np.ascontiguousarray(x)
 
 
+def _corpus(src: SourceConfig) -> SourceConfig:
+    """A `vemscale curate` corpus is read as the folder of its kept patches."""
+    from vemscale.curate.run import corpus_patches
+
+    patches = corpus_patches(src.path) if src.kind in ("auto", "folder") else None
+    return src.model_copy(update={"path": patches, "kind": "folder"}) if patches else src
+
+
 def open_source(src: SourceConfig, in_chans: int, crop: int) -> FolderSource | VolumeSource:
+    src = _corpus(src)
     kind = src.kind
     if kind == "auto":
         kind = "volume" if is_volume_path(src.path) else "folder"
@@ -221,6 +230,7 @@ def check_source(src: SourceConfig, in_chans: int, crop: int) -> dict[str, Any]:
 
     Returns {"kind", "what", "dtype"}; a UserError says what is wrong with the source.
     """
+    src = _corpus(src)
     kind = src.kind if src.kind != "auto" else ("volume" if is_volume_path(src.path) else "folder")
     if kind == "volume":
         vs = open_source(src.model_copy(update={"kind": "volume"}), in_chans, crop)
