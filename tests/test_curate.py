@@ -34,13 +34,14 @@ def texture(seed: int, shape: tuple[int, int], sigma: float = 5.0) -> np.ndarray
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """12 slices of 256x256 (4 patches of 128 each): 0-7 unique, 8 = slice 1 exactly, 9 = slice 2 shifted by 2 px
-    with noise (dHash 3-9 bits from the original), 10 blank resin (constant), 11 saturated (only 0 and 255)."""
+    with noise (dHash 3-9 bits from the original), 10 empty resin (std 15 of pure noise: a plain std filter keeps
+    it, the pooled std does not), 11 saturated (only 0 and 255)."""
     root = tmp_path_factory.mktemp("curate")
     vol = np.stack([texture(s, (256, 256)) for s in range(8)] + [np.zeros((256, 256), np.uint8)] * 4)
     vol[8] = vol[1]
     shifted = np.roll(vol[2], (2, 2), axis=(0, 1)).astype(np.int16) + np.random.default_rng(9).normal(0, 3, (256, 256))
     vol[9] = np.clip(shifted, 0, 255).astype(np.uint8)
-    vol[10] = 200
+    vol[10] = np.clip(200 + np.random.default_rng(10).normal(0, 15, (256, 256)), 0, 255)  # empty resin, noisy
     vol[11] = np.where(texture(50, (256, 256)) > 125, 255, 0)  # over-exposed: every pixel 0 or 255
     tifffile.imwrite(root / "vol.tif", vol)
     return root, vol
@@ -83,6 +84,8 @@ def test_planted_duplicates_and_blank_patches_go_and_the_manifest_matches(plante
     r = m[m["kept"]].iloc[0]
     patch = vol[r["slice"], r["y"] : r["y"] + PD, r["x"] : r["x"] + PD]
     assert r["std"] == pytest.approx(patch.std(), rel=1e-9)
+    assert r["pooled_std"] == pytest.approx(patch.reshape(PD // 4, 4, PD // 4, 4).mean(axis=(1, 3)).std(), rel=1e-5)
+    assert m[m["slice"] == 10]["std"].min() > 14  # the resin's raw std is its noise
     # report and corpus metadata
     s = json.loads((out / "report" / "summary.json").read_text())
     assert s["total"] == {"kept": 32, "duplicate": 8, "flat": 4, "saturated": 4}

@@ -14,18 +14,19 @@ MOSAIC = 64  # patches per mosaic
 TILE = 112  # pixels per patch in a mosaic
 
 
-def mosaic(images: list[np.ndarray], columns: int = 8, tile: int = TILE) -> np.ndarray:
-    """Patches (any size) resized into a grid of tile x tile cells with 2-pixel gaps (white background)."""
+def mosaic(images: list[np.ndarray], columns: int = 8, cell: tuple[int, int] = (TILE, TILE)) -> np.ndarray:
+    """Patches (any size) resized into a grid of cells (h, w) with 2-pixel gaps (white background)."""
     from vemscale.curate.patches import resample
 
+    ch, cw = cell
     rows = max(1, -(-len(images) // columns))
-    out = np.full((rows * (tile + 2) + 2, columns * (tile + 2) + 2), 255, np.uint8)
+    out = np.full((rows * (ch + 2) + 2, columns * (cw + 2) + 2), 255, np.uint8)
     for i, img in enumerate(images):
         h, w = img.shape
-        f = tile / max(h, w)
+        f = min(ch / h, cw / w)
         small = resample(img, (max(1, int(h * f)), max(1, int(w * f))))
         r, c = divmod(i, columns)
-        y, x = 2 + r * (tile + 2), 2 + c * (tile + 2)
+        y, x = 2 + r * (ch + 2), 2 + c * (cw + 2)
         out[y : y + small.shape[0], x : x + small.shape[1]] = small
     return out
 
@@ -59,8 +60,9 @@ def write_report(kv: ts.KvStore, plans: list[dict[str, Any]], counts: dict[str, 
         imgs = [read_png(bytes(kv.read(k).result().value)) for k in keys]
         if imgs:
             name = f"report/dropped_{why}.png"
-            kv.write(name, png_bytes(mosaic(imgs, columns=4 if why == "duplicate" else 8,
-                                            tile=2 * TILE if why == "duplicate" else TILE))).result()
+            pairs = why == "duplicate"  # a duplicate beside the patch kept for it
+            kv.write(name, png_bytes(mosaic(imgs, columns=4 if pairs else 8,
+                                            cell=(TILE, 2 * TILE + 4) if pairs else (TILE, TILE)))).result()
             mosaics[f"dropped_{why}"] = name
     totals: dict[str, int] = {}
     for c in counts.values():

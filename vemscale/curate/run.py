@@ -54,7 +54,7 @@ class CurateConfig(StageConfig):
     patch: int = Field(224, ge=16)  # pixels per side (CEM500K patchify3d.py --crop_size default 224)
     pixel_size_nm: float | None = Field(None, gt=0)  # resample every source to this pixel size; None = native
     density: float | None = Field(None, gt=0)  # patches per um^2 of section (per source overridable); None = every one
-    min_std: float = Field(_DEFAULT_FILTERS.min_std, ge=0)  # grey-level std below this: flat (empty resin, blank)
+    min_std: float = Field(_DEFAULT_FILTERS.min_std, ge=0)  # std of 4x4-pooled grey levels below this: flat (resin)
     max_saturated: float = Field(_DEFAULT_FILTERS.max_saturated, ge=0, le=1)  # fraction of 0/255 pixels above this
     min_entropy: float = Field(_DEFAULT_FILTERS.min_entropy, ge=0, le=8)  # bits; below: almost constant
     min_laplacian_var: float = Field(_DEFAULT_FILTERS.min_laplacian_var, ge=0)  # below: out of focus

@@ -27,8 +27,8 @@ from vemscale.curate.plan import locate
 SCRATCH_DIR = ".vemscale-scratch"
 EXAMPLES_PER_REASON = 2  # dropped patches a sampled task keeps for the report's mosaics
 EXAMPLE_TASKS = 32  # about this many tasks per source keep examples
-COLUMNS = ("task", "source", "plane", "slice", "file", "y", "x", "h", "w", "pixel_nm", "std", "entropy",
-           "laplacian_var", "saturated", "dhash", "classifier_p", "reason", "path")
+COLUMNS = ("task", "source", "plane", "slice", "file", "y", "x", "h", "w", "pixel_nm", "std", "pooled_std",
+           "entropy", "laplacian_var", "saturated", "dhash", "classifier_p", "reason", "path")
 
 
 @functools.lru_cache(maxsize=64)
@@ -160,7 +160,7 @@ def sample_task(task: int, plans: list[dict[str, Any]], patch: int, filters: P.F
                 for c, v in (("task", task), ("source", src["name"]), ("plane", pl["plane"]), ("slice", k),
                              ("file", rel), ("y", int(y)), ("x", int(x)), ("h", h), ("w", w),
                              ("pixel_nm", float(pl["pixel_nm"][0]) if pl["pixel_nm"] else np.nan),
-                             ("std", st.std), ("entropy", st.entropy), ("laplacian_var", st.laplacian_var),
+                             ("std", st.std), ("pooled_std", st.pooled_std), ("entropy", st.entropy), ("laplacian_var", st.laplacian_var),
                              ("saturated", st.saturated), ("dhash", np.uint64(P.dhash(x8)).view(np.int64)),
                              ("classifier_p", np.nan), ("reason", why), ("path", "")):
                     rows[c].append(v)
