@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("vemscale.eval.evaluate", "score a prediction against ground truth (IoU, F1, precision, recall, MFD)"),
     "infer": ("vemscale.infer.run", "predict a whole volume blockwise on a Ray Data actor pool"),
     "instances": ("vemscale.objects.run", "objects from a prediction: ids across blocks, a per-object table, plots"),
+    "convert": ("vemscale.models.convert", "published encoder weights (timm R50-ViT, TransUNet/RETINA, ResNet-50/MoCo) -> a checkpoint"),
     "export": ("vemscale.export.run", "write any volume as a Neuroglancer precomputed layer (+ pyramid, meshes)"),
     "view": ("vemscale.export.view", "serve layers to a Neuroglancer viewer and print its URL (or take a screenshot)"),
     "demo": ("vemscale.demo", "generate an EM-like volume, fine-tune briefly, infer and score it"),
