@@ -87,7 +87,9 @@ class BlockGrid:
         `chunk_shape=None` means no alignment (a stage that only reads)."""
         shape = tuple(int(s) for s in volume_shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise UserError(f"volume shape must be z,y,x with positive sizes, got {shape}")
+            why = (": an axis is empty; check that the URL (and scale) point at the image data, not an empty or "
+                   "placeholder array") if len(shape) == 3 else ""
+            raise UserError(f"volume shape must be z,y,x with positive sizes, got {shape}{why}")
         chunks = tuple(min(c, s) for c, s in zip(_triple(chunk_name, chunk_shape or (1, 1, 1)), shape))
         block = _triple("block_shape", block_shape)
         raw_roi = parse_roi(roi, shape) if roi is None or isinstance(roi, str) else tuple(tuple(r) for r in roi)

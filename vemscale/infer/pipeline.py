@@ -106,6 +106,24 @@ def _channels(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) == 4 else 1
 
 
+def check_input_dtype(volume: Any, meta: Any, input_url: str, checkpoint: str) -> None:
+    """UserError unless the input's grey-value range is the one the checkpoint was trained on (x / scale)."""
+    from vemscale.train.data import dtype_scale
+
+    if volume.dtype == np.bool_:
+        raise UserError(f"input {input_url!r} is boolean (a mask?), not an EM image; infer takes the grey-value volume")
+    if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
+        raise UserError(f"input {input_url!r} has dtype {volume.dtype}; infer takes integer or float grey values")
+    trained = float(meta.normalization.get("scale", 255.0))
+    scale = dtype_scale(volume.dtype)
+    if scale != trained:
+        kinds = {255.0: "uint8", 65535.0: "uint16", 1.0: "float in [0, 1]"}
+        raise UserError(f"input {input_url!r} is {volume.dtype} (full scale {scale:g}) but checkpoint {checkpoint!r} was "
+                        f"trained on {kinds.get(trained, f'full scale {trained:g}')} images: its normalisation would "
+                        f"put these grey values out of range. Convert the volume to {kinds.get(trained, 'that range')} "
+                        f"(e.g. uint16 -> uint8: x // 257) or fine-tune on {volume.dtype} data")
+
+
 def validate(cfg: InferConfig) -> dict[str, Any]:
     """All user-facing checks that need no Ray: returns the opened volume, checkpoint meta and plan."""
     from vemscale.checkpoint import load_checkpoint
@@ -116,6 +134,10 @@ def validate(cfg: InferConfig) -> dict[str, Any]:
         raise UserError(f"input {cfg.input!r} has shape {volume.shape}; infer needs z,y,x or c,z,y,x")
     model, meta = load_checkpoint(cfg.checkpoint, "cpu")  # UserError when unreadable
     del model
+    if meta.kind == "pretrain":
+        raise UserError(f"checkpoint {cfg.checkpoint!r} is a pre-training checkpoint (its head reconstructs images, it "
+                        "has no classes); fine-tune it first (vemscale finetune ... init=<it>) and infer with the result")
+    check_input_dtype(volume, meta, cfg.input, cfg.checkpoint)
     in_chans = int(meta.model.get("in_chans", 1))
     if in_chans != _channels(volume.shape):
         raise UserError(f"checkpoint {cfg.checkpoint!r} expects {in_chans} input channel(s) but {cfg.input!r} has "

@@ -1,0 +1,163 @@
+"""The bad-input catalogue: each kind of mistake a user makes, through the command line as a user types it.
+
+Every case must exit 2 (never a traceback), print a message that names the problem and the fix, and leave an
+existing output and its ledger byte for byte as they were. README's troubleshooting table lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from vemscale.checkpoint import CheckpointMeta, save_checkpoint
+from vemscale.cli import main
+from vemscale.io import create_ome_zarr
+from vemscale.models import create_model
+
+SHAPE = (4, 64, 64)
+
+
+def _tif(path: Path, a: np.ndarray) -> str:
+    tifffile.imwrite(path, a, photometric="minisblack")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    """Inputs good and bad, checkpoints good and bad, and one finished infer output to keep intact."""
+    r = tmp_path_factory.mktemp("bad_input")
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 255, SHAPE, dtype=np.uint8)
+    create_ome_zarr(r / "vol.zarr", SHAPE, np.uint8, (2, 32, 32), (4.0, 4.0, 40.0)).write(vol).result()
+    create_ome_zarr(r / "big.zarr", (4, 96, 64), np.uint8, (2, 32, 32), (4.0, 4.0, 40.0)).write(
+        rng.integers(0, 255, (4, 96, 64), dtype=np.uint8)).result()
+    create_ome_zarr(r / "u16.zarr", SHAPE, np.uint16, (2, 32, 32), (4.0, 4.0, 40.0)).write(vol.astype(np.uint16) * 257).result()
+    create_ome_zarr(r / "f32.zarr", SHAPE, np.float32, (2, 32, 32), (4.0, 4.0, 40.0)).write((vol / 255.0).astype(np.float32)).result()
+    create_ome_zarr(r / "rgb.zarr", (3, *SHAPE), np.uint8, (1, 2, 32, 32), (4.0, 4.0, 40.0)).write(
+        np.stack([vol] * 3)).result()
+    import zarr
+
+    zarr.open_array(str(r / "empty.zarr"), mode="w", shape=(0, 64, 64), chunks=(1, 32, 32), dtype="u1", zarr_format=2)
+    _tif(r / "vol.tif", vol)
+    _tif(r / "mask.tif", vol > 128)
+    _tif(r / "lab.tif", (vol > 128).astype(np.uint8))
+    _tif(r / "lab5.tif", (vol % 5).astype(np.uint8))
+    _tif(r / "lab_small.tif", (vol[:, :32] > 128).astype(np.uint8))
+    _tif(r / "mask_odd.tif", np.ones((4, 50, 64), np.uint8))  # 64 / 50 rows: no whole ratio, no voxel size
+    (r / "notavol.tif").write_text("hello, I am not a TIFF")
+    (r / "nomulti.zarr").mkdir()
+    (r / "nomulti.zarr" / ".zgroup").write_text('{"zarr_format": 2}')
+    (r / "bad.yaml").write_text("block_shape: [2, 32\n")
+    (r / "afile").write_text("x")
+    torch.manual_seed(0)
+    model = create_model("tiny", in_chans=1, num_classes=2)
+    save_checkpoint(r / "ckpt", model, CheckpointMeta(model=model.spec, tile=64, margin=8))
+    recon = create_model("tiny", in_chans=1, num_classes=1)
+    save_checkpoint(r / "pretrained", recon, CheckpointMeta(model=recon.spec, kind="pretrain", tile=64, margin=8))
+    r18 = create_model("unet_resnet18", in_chans=1, num_classes=2)
+    save_checkpoint(r / "ckpt_r18", r18, CheckpointMeta(model=r18.spec, tile=64, margin=8))
+    shutil.copytree(r / "ckpt", r / "truncated")
+    weights = next(p for p in (r / "truncated").iterdir() if p.suffix in (".pt", ".pth", ".safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    # a finished output, which no failed command may touch
+    assert main(["infer", f"input={r / 'vol.zarr'}", f"output={r / 'done'}", f"checkpoint={r / 'ckpt'}",
+                 "block_shape=2,32,32", "output_chunks=2,32,32", "workers=1", "progress=false",
+                 f"run_dir={r / 'run'}"]) == 0
+    return r
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def infer(r: Path, **kw: str) -> list[str]:
+    args = {"input": r / "vol.zarr", "output": r / "done", "checkpoint": r / "ckpt", "block_shape": "2,32,32",
+            "output_chunks": "2,32,32", "progress": "false", "run_dir": r / "run", **kw}
+    return ["infer", *[f"{k}={v}" for k, v in args.items()]]
+
+
+def finetune(r: Path, train: str, **kw: str) -> list[str]:
+    args = {"data.train": train, "train.iterations": 1, "train.crop": 64, "run_dir": r / "ft", **kw}
+    return ["finetune", *[f"{k}={v}" for k, v in args.items()]]
+
+
+# (id, argv builder, regex the message must match: the problem ... and the fix)
+CASES = [
+    ("missing input", lambda r: infer(r, input=r / "missing.zarr"), r"missing.zarr' does not exist.*accepted:"),
+    ("not a volume", lambda r: infer(r, input=r / "notavol.tif"), r"cannot read TIFF .*notavol.tif"),
+    ("bool input", lambda r: infer(r, input=r / "mask.tif"), r"boolean \(a mask\?\), not an EM image.*grey-value"),
+    ("uint16 for a uint8 model", lambda r: infer(r, input=r / "u16.zarr"),
+     r"uint16 \(full scale 65535\) but .* trained on uint8 .*Convert the volume to uint8 .*or fine-tune"),
+    ("float for a uint8 model", lambda r: infer(r, input=r / "f32.zarr"), r"float32 \(full scale 1\) .*Convert"),
+    ("wrong channel count", lambda r: infer(r, input=r / "rgb.zarr"), r"expects 1 input channel\(s\) but .* has 3"),
+    ("zero-size axis", lambda r: infer(r, input=r / "empty.zarr"), r"positive sizes, got \(0, 64, 64\): an axis is empty; check"),
+    ("OME-Zarr without multiscales", lambda r: infer(r, input=r / "nomulti.zarr"),
+     r"without OME-Zarr multiscales metadata; point the URL at an array inside it"),
+    ("scale that does not exist", lambda r: infer(r, scale=3), r"scale 3 out of range; it has 1 scales"),
+    ("missing checkpoint", lambda r: infer(r, checkpoint=r / "nockpt"), r"nockpt.*does not exist"),
+    ("truncated checkpoint", lambda r: infer(r, checkpoint=r / "truncated"), r"truncated.*cannot load weights"),
+    ("pre-training checkpoint to infer", lambda r: infer(r, checkpoint=r / "pretrained"),
+     r"pre-training checkpoint .*fine-tune it first"),
+    ("negative block shape", lambda r: infer(r, block_shape="-2,32,32"), r"block_shape must be three positive"),
+    ("block not a multiple of chunks", lambda r: infer(r, block_shape="2,40,32"),
+     r"not a whole multiple of the output chunk shape .*nearest valid block_shape: 2,32,32"),
+    ("ROI outside the volume", lambda r: infer(r, roi="0:2,0:32,100:200"), r"x range 100:200 is empty or outside"),
+    ("output of another shape", lambda r: infer(r, input=r / "big.zarr"), r"exists with shape .*overwrite"),
+    ("output path is a file", lambda r: infer(r, output=r / "afile"), r"is a file; the output is a directory"),
+    ("unknown config key", lambda r: infer(r, blok_shape="2,32,32"), r"unknown config key 'blok_shape'; valid keys:"),
+    ("wrong type for a key", lambda r: infer(r, batch_size="many"), r"batch_size: Input should be a valid integer"),
+    ("YAML that does not parse", lambda r: ["infer", str(r / "bad.yaml"), *infer(r)[1:]], r"bad.yaml' is not valid YAML"),
+    ("conflicting keys", lambda r: infer(r, sharded="false", shard_shape="2,32,32"),
+     r"shard_shape .* given with sharded=false; drop one of the two keys"),
+    ("mask that cannot be mapped", lambda r: infer(r, mask=r / "mask_odd.tif"),
+     r"cannot map a mask of 50 voxels onto 64 along y .*give the mask.s and the volume.s voxel sizes"),
+    ("labels with values >= classes", lambda r: finetune(r, f"[{{image: {r / 'vol.tif'}, labels: {r / 'lab5.tif'}}}]"),
+     r"hold values \[0, 1, 2, 3, 4\] but the config declares 2 classes .*fix data.classes or the labels"),
+    ("labels of another shape", lambda r: finetune(r, f"[{{image: {r / 'vol.tif'}, labels: {r / 'lab_small.tif'}}}]"),
+     r"have shape .* but image .* has .*must cover the same voxels"),
+    ("empty training set", lambda r: finetune(r, "[]"), r"training set is empty: list labelled volumes under data.train"),
+    ("checkpoint of another architecture",
+     lambda r: finetune(r, f"[{{image: {r / 'vol.tif'}, labels: {r / 'lab.tif'}}}]", init=r / "ckpt_r18"),
+     r"holds a unet_resnet18 but the model is transunet_tiny; set model.name=unet_resnet18"),
+    ("instances of a class the source lacks",
+     lambda r: ["instances", f"source={r / 'done'}", f"output={r / 'done'}", "classes=nucleus"], r"nucleus"),
+    ("curate: patch larger than the volume",
+     lambda r: ["curate", f"sources={r / 'vol.zarr'}", f"output={r / 'done'}", "patch=128"], r"smaller than a patch"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_names_the_fix_and_touches_nothing(world, name, argv, message):
+    before = _digest(world / "done")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv(world)])
+    text = " ".join(err.getvalue().split())
+    assert rc == 2, f"{name}: exit {rc}; stderr: {text[-1500:]}"
+    assert "Traceback" not in text
+    import re
+
+    assert re.search(message, text), f"{name}: {text[-800:]}"
+    assert _digest(world / "done") == before, f"{name} changed the existing output"
+
+
+def test_a_missing_zarr_chunk_reads_as_the_fill_value(world, tmp_path):
+    """Not an error, by the zarr spec: a chunk that was never written is the fill value (sparse volumes are
+    legal). Inference of a volume with a deleted chunk sees zeros there, and says nothing else."""
+    src = tmp_path / "holey.zarr"
+    shutil.copytree(world / "vol.zarr", src)
+    chunk = next(p for p in (src / "0").rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json")
+    chunk.unlink()
+    from vemscale.io.volume import open_volume
+
+    data = open_volume(str(src)).read()
+    assert (data == 0).any() and data.shape == SHAPE
