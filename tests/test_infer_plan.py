@@ -128,3 +128,26 @@ def test_tiles_without_tissue_are_skipped_and_tissue_voxels_keep_their_bytes(mod
     full = sum(vol.shape[o[0]] * -(-vol.shape[o[1]] // 24) * -(-vol.shape[o[2]] // 24)
                for o in (((0, 1, 2),) if mode == "xy" else ((0, 1, 2), (1, 0, 2), (2, 0, 1))))
     assert batcher.tiles_run == expect and expect < full / 3
+
+
+def test_cell_std_is_the_std_of_each_cells_pooled_means():
+    """mask=auto's tissue measure, against explicit loops: whole cells (the fast path) and partial edge cells."""
+    from vemscale.infer.tissue import cell_std
+
+    d = np.random.default_rng(4).integers(0, 255, (8, 64, 96), dtype=np.uint8)
+
+    def reference(a: np.ndarray, cell: tuple[int, int, int], p: int = 4) -> np.ndarray:
+        out = np.zeros([-(-n // c) for n, c in zip(a.shape, cell)])
+        for i in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                for k in range(out.shape[2]):
+                    blk = a[i * cell[0] : (i + 1) * cell[0], j * cell[1] : (j + 1) * cell[1],
+                            k * cell[2] : (k + 1) * cell[2]].astype(np.float64)
+                    pooled = [blk[z, y : y + p, x : x + p].mean() for z in range(blk.shape[0])
+                              for y in range(0, blk.shape[1], p) for x in range(0, blk.shape[2], p)]
+                    out[i, j, k] = np.std(pooled)
+        return out
+
+    np.testing.assert_allclose(cell_std(d, (4, 32, 32)), reference(d, (4, 32, 32)), rtol=1e-4, atol=1e-3)
+    part = d[:7, :60, :90]  # partial cells at the high ends of every axis, partial pools along x
+    np.testing.assert_allclose(cell_std(part, (4, 32, 32)), reference(part, (4, 32, 32)), rtol=1e-4, atol=1e-3)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import uuid
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,11 +53,17 @@ def cell_std(data: np.ndarray, cell: Sequence[int], pool: int = 4) -> np.ndarray
     check_mask_cell(cell, pool)
     p = max(1, min(int(pool), cy, cx))
     grid = [-(-n // c) for n, c in zip(data.shape, (cz, cy, cx))]
+    if all(n % c == 0 for n, c in zip(data.shape, (cz, cy, cx))):  # whole cells (the common case): no NaN padding
+        z, y, x = data.shape
+        pooled = data.reshape(z, y // p, p, x // p, p).mean(axis=(2, 4), dtype=np.float32)
+        cells = pooled.reshape(grid[0], cz, grid[1], cy // p, grid[2], cx // p).transpose(0, 2, 4, 1, 3, 5)
+        return cells.reshape(*grid, -1).std(axis=-1)
     full = np.full((grid[0] * cz, grid[1] * cy, grid[2] * cx), np.nan, np.float32)
     full[tuple(slice(0, n) for n in data.shape)] = data
-    pooled = np.nanmean(full.reshape(grid[0] * cz, grid[1] * cy // p, p, grid[2] * cx // p, p), axis=(2, 4))
-    cells = pooled.reshape(grid[0], cz, grid[1], cy // p, grid[2], cx // p).transpose(0, 2, 4, 1, 3, 5)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # pools wholly past the edge are all-NaN: "mean of empty slice", by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pooled = np.nanmean(full.reshape(grid[0] * cz, grid[1] * cy // p, p, grid[2] * cx // p, p), axis=(2, 4))
+        cells = pooled.reshape(grid[0], cz, grid[1], cy // p, grid[2], cx // p).transpose(0, 2, 4, 1, 3, 5)
         std = np.nanstd(cells.reshape(*grid, -1), axis=-1)
     return np.nan_to_num(std, nan=0.0)
 
