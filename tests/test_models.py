@@ -82,21 +82,26 @@ def test_spec_carries_overrides_and_resolves_aliases():
 
 @pytest.mark.parametrize("name", SEGMENTATION)
 def test_parameter_groups_partition_parameters(name):
+    """The five groups are disjoint and cover every tensor (parameters and buffers); the sets are their unions."""
+    from vemscale.models.groups import group_of
+
     model = built(name)
     groups = model.parameter_groups()
-    assert set(groups) == set(GROUP_NAMES)
+    assert set(GROUP_NAMES) <= set(groups) and GROUP_NAMES == ("cnn", "embed", "vit_blocks", "decoder", "head")
     everything = {n for n, _ in model.named_parameters()}
-    cnn, transformer, encoder, decoder = (set(groups[g]) for g in ("cnn", "transformer", "encoder", "decoder"))
-    assert cnn and encoder and decoder
-    assert not (cnn & transformer) and not (cnn & decoder) and not (transformer & decoder)
-    assert cnn | transformer == encoder
-    assert encoder | decoder == everything and not (encoder & decoder)
-    assert all(n.startswith("cnn.") for n in cnn)
+    parts = [set(groups[g]) for g in GROUP_NAMES]
+    assert sum(len(p) for p in parts) == len(everything) and set().union(*parts) == everything
+    assert all(group_of(model, k) is not None for k in model.state_dict())  # buffers (BN statistics) too
+    cnn, embed, vit, decoder, head = parts
+    assert cnn and decoder and head
+    assert set(groups["encoder"]) == cnn | embed | vit == set(groups["retina"])
+    assert set(groups["vit"]) == embed | vit == set(groups["transformer"])
+    assert all(n.startswith("cnn.") for n in cnn) and all(n.startswith("head.") for n in head)
     if name.startswith("unet_resnet"):
-        assert transformer == set()
+        assert embed == vit == set()
     else:
-        assert any(n.startswith("patch_embed.") for n in transformer)
-        assert any(n.startswith("transformer.pos_embed") for n in transformer)
+        assert embed == {"patch_embed.weight", "patch_embed.bias", "transformer.pos_embed"}
+        assert vit == {n for n in everything if n.startswith(("transformer.blocks.", "transformer.norm."))}
 
 
 def test_unknown_name_lists_valid_names():
@@ -162,4 +167,4 @@ def test_pixel_linear_is_one_linear_map_per_pixel():
         y = model(x)
         want = model.head.weight[:, 0, 0, 0].view(1, 2, 1, 1) * x + model.head.bias.view(1, 2, 1, 1)
     assert y.shape == (3, 2, 20, 36) and torch.allclose(y, want)
-    assert model.parameter_groups()["decoder"] == ["head.weight", "head.bias"]
+    assert model.parameter_groups()["head"] == ["head.weight", "head.bias"]

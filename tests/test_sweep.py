@@ -95,7 +95,7 @@ def test_command_line_overrides_win():
                                                          "arms.retina.init=elsewhere/checkpoint", "resources.cpus=2"])
     assert cfg.overrides["train.iterations"] == 100 and cfg.overrides["train.crop"] == 128
     assert cfg.seeds == [0, 1] and cfg.arms["retina"]["init"] == "elsewhere/checkpoint"
-    assert cfg.arms["retina"]["freeze"] == "transformer" and cfg.resources.worker_resources() == {"CPU": 1.9, "GPU": 0.0}
+    assert cfg.arms["retina"]["freeze"] == "vit_blocks" and cfg.resources.worker_resources() == {"CPU": 1.9, "GPU": 0.0}
 
 
 def test_compose_order_and_paths(vnc_crop, tmp_path, monkeypatch):

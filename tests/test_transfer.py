@@ -66,6 +66,63 @@ def test_transfer_encoder_and_all(tmp_path):
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == set(model.parameter_groups()["encoder"])
 
 
+def _retina_reference_keys(depth: int = 12, units: tuple[int, int, int] = (3, 4, 9)) -> list[str]:
+    """The state_dict names of RETINA's TransUNet (R50-ViT-B/16), written from BaderLab/RETINA
+    networks/vit_seg_modeling.py and vit_seg_modeling_resnet_skip.py (the decoder shortened: its names are
+    all the rule below needs)."""
+    keys = ["transformer.embeddings.position_embeddings", "transformer.embeddings.hybrid_model.root.conv.weight",
+            "transformer.embeddings.hybrid_model.root.gn.weight", "transformer.embeddings.hybrid_model.root.gn.bias"]
+    for b, n in enumerate(units, start=1):
+        for u in range(1, n + 1):
+            pre = f"transformer.embeddings.hybrid_model.body.block{b}.unit{u}"
+            keys += [f"{pre}.{c}.weight" for c in ("conv1", "conv2", "conv3")]
+            keys += [f"{pre}.{g}.{p}" for g in ("gn1", "gn2", "gn3") for p in ("weight", "bias")]
+            if u == 1:
+                keys += [f"{pre}.downsample.weight", f"{pre}.gn_proj.weight", f"{pre}.gn_proj.bias"]
+    keys += ["transformer.embeddings.patch_embeddings.weight", "transformer.embeddings.patch_embeddings.bias"]
+    for i in range(depth):
+        pre = f"transformer.encoder.layer.{i}"
+        keys += [f"{pre}.{m}.{p}" for m in ("attention_norm", "ffn_norm", "ffn.fc1", "ffn.fc2", "attn.query",
+                                            "attn.key", "attn.value", "attn.out") for p in ("weight", "bias")]
+    keys += ["transformer.encoder.encoder_norm.weight", "transformer.encoder.encoder_norm.bias",
+             "decoder.conv_more.0.weight", "decoder.conv_more.1.weight", "decoder.blocks.0.conv1.0.weight",
+             "decoder.blocks.3.conv2.1.running_var", "segmentation_head.0.weight", "segmentation_head.0.bias"]
+    return keys
+
+
+def _ours(key: str) -> str:
+    """A RETINA/TransUNet name in our layout (its q, k, v are fused into one qkv tensor)."""
+    import re
+
+    from vemscale.models.convert import _transunet
+
+    m = re.match(r"transformer\.encoder\.layer\.(\d+)\.attn\.(query|key|value)\.(\w+)$", key)
+    if m:
+        return f"transformer.blocks.{m[1]}.attn.qkv.{m[3]}"
+    mapped, _ = _transunet({key: torch.zeros(1)})
+    return next(iter(mapped), "")
+
+
+def test_retina_sets_are_the_reference_codes(tmp_path):
+    """transfer=retina and freeze=vit_blocks select exactly what BaderLab/RETINA train.py selects: it loads every
+    tensor whose name holds neither 'decoder' nor 'segmentation_head', and freezes names starting
+    'transformer.encoder' (the rules applied here to its own names, then mapped to ours)."""
+    from vemscale.models.groups import SETS, keys_of
+
+    ref = _retina_reference_keys()
+    loaded = {_ours(k) for k in ref if "segmentation_head" not in k and "decoder" not in k}
+    frozen = {_ours(k) for k in ref if k.startswith("transformer.encoder")}
+    model = create_model("base", in_chans=1, num_classes=2)
+    assert set(keys_of(model, SETS["retina"])) == loaded
+    src = create_model("base", in_chans=1, num_classes=1)
+    path = tmp_path / "pre"
+    save_checkpoint(path, src, CheckpointMeta(kind="pretrain", model=src.spec))
+    report = apply_init(model, path, "retina", "vit_blocks")
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    assert report["transferred"] == len(loaded) and report["frozen"] == len(frozen)
+    assert {"transformer.pos_embed", "patch_embed.weight", "cnn.stem.conv.weight"} <= loaded - frozen
+
+
 def test_transfer_none_leaves_the_model_alone(tmp_path):
     path, _ = _checkpoint(tmp_path)
     model = _fresh()

@@ -6,8 +6,9 @@ random init (same iterations, seeds, crops, normalisation), and compare held-out
     python -m vemscale.bench.pretrain_transfer --out /tmp/cmp --pretrain-iterations 4 \\
         --finetune-iterations 4 --seeds 0 --crop 64 --pretrain-crop 64                           # smoke run
 
-Arms: `random` (no init), `frozen` (transfer=transformer freeze=transformer: the RETINA recipe), `all`
-(transfer=all, nothing frozen). Every run lives under --out; rerunning skips finished runs and resumes
+Arms: `random` (no init), `retina` (transfer=retina freeze=vit_blocks: RETINA's sets, every tensor but the
+decoder and head loaded, the ViT blocks and their norm frozen), `frozen` (transfer=vit freeze=vit: the previous
+recipe, which dropped the pre-trained CNN and froze the embeddings too), `all` (transfer=all, nothing frozen). Every run lives under --out; rerunning skips finished runs and resumes
 unfinished ones. Results: <out>/results.json and a Markdown table on stdout. Reports, never asserts.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 DATA = Path(os.environ.get("VEMSCALE_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 UNLABELED = ["vnc_drosophila_sstem", "cdeep3m_sbem_mito", "isbi2012_membranes"]
-ARMS = {"random": (None, "none"), "frozen": ("transformer", "transformer"), "all": ("all", "none")}
+ARMS = {"random": (None, "none"), "retina": ("retina", "vit_blocks"), "frozen": ("vit", "vit"), "all": ("all", "none")}
 
 
 def run_pretrain(args) -> Path:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--train-slices", default="0:2")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--arms", default="random,frozen,all")
+    p.add_argument("--arms", default="random,retina,all")
     p.add_argument("--workers", type=int, default=2, help="pre-training workers")
     args = p.parse_args(argv)
     args.out = args.out.resolve()

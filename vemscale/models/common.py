@@ -9,19 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Parameter groups every model exposes (possibly empty), in a stable order.
-GROUP_NAMES: tuple[str, ...] = ("cnn", "transformer", "encoder", "decoder")
+from .groups import GROUPS as GROUP_NAMES  # the five parameter groups every model names (possibly empty)
 
 
 class SegmentationModel(nn.Module):
     """Base class: a 2D encoder-decoder mapping (B, in_chans, H, W) to logits (B, num_classes, H, W).
 
-    Subclasses name their top-level submodules in ``GROUP_MODULES``; freeze and transfer policies select
-    parameters through :meth:`parameter_groups` instead of hard-coding attribute paths.
+    Subclasses give the state_dict key patterns of their parameter groups in ``PARAM_GROUPS``
+    (:mod:`vemscale.models.groups`); transfer and freeze select tensors through them.
     """
 
-    #: group name -> names of top-level child modules whose parameters belong to it.
-    GROUP_MODULES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: group name -> regex over state_dict keys (cnn, embed, vit_blocks, decoder, head).
+    PARAM_GROUPS: ClassVar[dict[str, str]] = {}
 
     #: H and W of the input must be multiples of this (the encoder's total stride).
     input_multiple: int = 16
@@ -33,18 +32,11 @@ class SegmentationModel(nn.Module):
     spec: dict[str, Any]
 
     def parameter_groups(self) -> dict[str, list[str]]:
-        """Map each of "cnn", "transformer", "encoder", "decoder" to the names of its parameters.
+        """Each group (cnn, embed, vit_blocks, decoder, head; disjoint, covering every parameter) and each named
+        set (encoder, retina, vit, transformer) -> the names of its parameters."""
+        from .groups import parameter_groups
 
-        "cnn", "transformer" and "decoder" are disjoint; "encoder" and "decoder" together cover every
-        parameter of the model.
-        """
-        groups: dict[str, list[str]] = {g: [] for g in GROUP_NAMES}
-        for name, _ in self.named_parameters():
-            top = name.split(".", 1)[0]
-            for group, modules in self.GROUP_MODULES.items():
-                if top in modules:
-                    groups[group].append(name)
-        return groups
+        return parameter_groups(self)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless x is (B, in_chans, H, W) with H and W multiples of ``input_multiple``."""

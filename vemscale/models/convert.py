@@ -174,9 +174,10 @@ def convert_state_dict(state: dict[str, Any], model: torch.nn.Module, layout: st
         mapped, _ = _transunet(state)
     else:
         mapped, _ = _resnet(state)
+    from vemscale.models.groups import SETS, keys_of
+
     own = model.state_dict()
-    groups = getattr(model, "GROUP_MODULES", {}).get("encoder", ())
-    wanted = [k for k in own if k.split(".", 1)[0] in groups]
+    wanted = keys_of(model, SETS["encoder"])
     missing = [k for k in wanted if k not in mapped]
     extra = [k for k in mapped if k not in own]
     if missing or extra:

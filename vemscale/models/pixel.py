@@ -16,7 +16,7 @@ from .common import SegmentationModel
 class PixelLinear(SegmentationModel):
     """logits = W x + b per pixel; no encoder, no decoder."""
 
-    GROUP_MODULES = {"decoder": ("head",)}
+    PARAM_GROUPS = {"head": r"^head\."}
     input_multiple = 1
 
     def __init__(self, in_chans: int = 1, num_classes: int = 2) -> None:

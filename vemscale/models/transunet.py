@@ -87,11 +87,13 @@ class TransUNet(SegmentationModel):
     to ``num_classes`` logits). Input H, W: any multiples of 16.
     """
 
-    GROUP_MODULES = {
-        "cnn": ("cnn",),
-        "transformer": ("patch_embed", "transformer"),
-        "encoder": ("cnn", "patch_embed", "transformer"),
-        "decoder": ("decoder", "head"),
+    # vemscale.models.groups: state_dict key patterns of the five groups (disjoint, covering every tensor)
+    PARAM_GROUPS = {
+        "cnn": r"^cnn\.",
+        "embed": r"^patch_embed\.|^transformer\.pos_embed$",
+        "vit_blocks": r"^transformer\.(blocks|norm)\.",
+        "decoder": r"^decoder\.",
+        "head": r"^head\.",
     }
     input_multiple = PATCH_STRIDE
 

@@ -19,15 +19,10 @@ class UNetResNet(SegmentationModel):
     """timm ResNet (features_only) encoder + UNet decoder. Input H, W: any multiples of 32.
 
     Submodules: ``cnn`` (the encoder), ``decoder`` (:class:`UNetDecoder`), ``head`` (conv3x3 to
-    ``num_classes`` logits). There is no transformer: its parameter group is empty.
+    ``num_classes`` logits). There is no transformer: its embed and vit_blocks groups are empty.
     """
 
-    GROUP_MODULES = {
-        "cnn": ("cnn",),
-        "transformer": (),
-        "encoder": ("cnn",),
-        "decoder": ("decoder", "head"),
-    }
+    PARAM_GROUPS = {"cnn": r"^cnn\.", "decoder": r"^decoder\.", "head": r"^head\."}  # no embed, no vit_blocks
     input_multiple = 32
 
     def __init__(

@@ -103,8 +103,25 @@ class FinetuneConfig(StageConfig):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     tiles: TileConfig = Field(default_factory=TileConfig)
     init: str | None = None  # a pre-training or segmentation checkpoint to start from
-    transfer: Literal["all", "encoder", "transformer", "none"] = "all"
-    freeze: Literal["none", "encoder", "transformer"] = "none"
+    # parameter groups (vemscale.models.groups): a set (all, encoder, retina, vit, none) or groups "cnn,embed"
+    transfer: str = "all"  # RETINA (BaderLab/RETINA train.py): retina = all but decoder and head
+    freeze: str = "none"  # RETINA: vit_blocks = the ViT blocks and their final norm
+
+    @field_validator("transfer")
+    @classmethod
+    def _transfer(cls, v: str) -> str:
+        from vemscale.models.groups import resolve
+
+        resolve(v, "transfer")
+        return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v: str) -> str:
+        from vemscale.models.groups import resolve
+
+        resolve(v, "freeze")
+        return v
 
 
 METRIC_COLUMNS = ["iteration", "resumed_from", "loss", "lr", "images_per_s", "val_iou", "best_val_iou"]

@@ -1,10 +1,12 @@
 """Start a model from a checkpoint's weights (transfer) and keep some of them fixed (freeze).
 
-transfer: `all` (every tensor; the head is skipped when the class counts differ), `encoder` (cnn +
-patch_embed + transformer), `transformer` (patch_embed + transformer: RETINA's recipe), `none`.
-freeze: `none`, `encoder` or `transformer`: requires_grad=False on that group (and BatchNorm layers in it
-kept in eval mode, so their running statistics stay fixed too). Only transferred weights can be frozen.
-Every mismatch between the checkpoint and the model is a UserError naming what differs.
+Both take a named set or a comma list of the parameter groups of `vemscale.models.groups` (cnn, embed,
+vit_blocks, decoder, head). transfer: `all` (every tensor; the head is skipped when the class counts differ),
+`encoder` / `retina` (cnn + embed + vit_blocks: RETINA's transfer), `vit` (embed + vit_blocks; older name
+`transformer`), `none`. freeze: `none`, `vit_blocks` (RETINA's: the ViT blocks and their final norm), `vit`,
+`encoder`, or groups: requires_grad=False on them (and BatchNorm layers in them kept in eval mode, so their
+running statistics stay fixed too). Only transferred weights can be frozen. Every mismatch between the
+checkpoint and the model is a UserError naming what differs.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from torch import nn
 
 from vemscale.checkpoint import WEIGHTS_FILE, read_meta
 from vemscale.errors import UserError
+from vemscale.models.groups import SETS, group_of, matcher, resolve
 
 log = logging.getLogger(__name__)
 
-TRANSFERS = ("all", "encoder", "transformer", "none")
-FREEZES = ("none", "encoder", "transformer")
-# which transfers cover which frozen group
-_COVERS = {"all": {"encoder", "transformer"}, "encoder": {"encoder", "transformer"}, "transformer": {"transformer"}, "none": set()}
+TRANSFERS = tuple(SETS)  # or a comma list of groups
+FREEZES = ("none", "vit_blocks", "vit", "transformer", "encoder")  # or a comma list of groups
 _SPEC_SKIP = {"name", "num_classes"}
 
 
@@ -40,17 +41,6 @@ def _local(path: str | Path) -> Path:
 
 def _net(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-def group_modules(net: nn.Module, group: str) -> tuple[str, ...]:
-    """Top-level submodule names of a parameter group ('all' = every submodule)."""
-    if group == "all":
-        return tuple(name for name, _ in net.named_children())
-    return tuple(getattr(net, "GROUP_MODULES", {}).get(group, ()))
-
-
-def _in_group(key: str, modules: tuple[str, ...]) -> bool:
-    return key.split(".", 1)[0] in modules
 
 
 def _listing(keys: list[str], n: int = 6) -> str:
@@ -82,14 +72,14 @@ def select_weights(net: nn.Module, state: dict[str, torch.Tensor], transfer: str
                    ckpt_spec: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The checkpoint tensors `transfer` copies into net, and the keys skipped (a head of another class count)."""
     ckpt_spec = ckpt_spec or {}
-    modules = group_modules(net, transfer)
-    if not modules:
+    in_set = matcher(net, resolve(transfer))
+    own = net.state_dict()
+    wanted = [k for k in own if in_set(k)]
+    if not wanted:
         raise UserError(f"transfer={transfer}: the model {getattr(net, 'spec', {}).get('name', type(net).__name__)} has no "
                         f"{transfer} part; use transfer=encoder or transfer=all")
-    own = net.state_dict()
-    wanted = [k for k in own if _in_group(k, modules)]
     missing = [k for k in wanted if k not in state]
-    extra = [k for k in state if _in_group(k, modules) and k not in own]
+    extra = [k for k in state if in_set(k) and k not in own]
     if missing or extra:
         msg = f"checkpoint {where} does not match the model's {transfer} weights:"
         if missing:
@@ -103,7 +93,7 @@ def select_weights(net: nn.Module, state: dict[str, torch.Tensor], transfer: str
     for k in wanted:
         if tuple(state[k].shape) == tuple(own[k].shape):
             chosen[k] = state[k]
-        elif transfer == "all" and k.split(".", 1)[0] == "head":
+        elif group_of(net, k) == "head":
             skipped.append(k)  # the head of another number of classes (e.g. the reconstruction head)
         else:
             bad.append(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
@@ -118,16 +108,17 @@ def _eval_only(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
-def freeze_group(net: nn.Module, group: str) -> int:
-    """requires_grad=False on the group's parameters (BatchNorm in it stays in eval mode); returns their count."""
-    modules = group_modules(net, group)
+def freeze_group(net: nn.Module, freeze: str) -> int:
+    """requires_grad=False on the groups of `freeze` (BatchNorm in them stays in eval mode); returns the count."""
+    in_set = matcher(net, resolve(freeze, "freeze"))
     n = 0
     for name, p in net.named_parameters():
-        if _in_group(name, modules):
+        if in_set(name):
             p.requires_grad_(False)
             n += 1
     for name, m in net.named_modules():
-        if name and _in_group(name, modules) and isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if name and isinstance(m, nn.modules.batchnorm._BatchNorm) and any(
+                in_set(f"{name}.{p}") for p, _ in m.named_parameters(recurse=False)):
             m.train = types.MethodType(_eval_only, m)
             m.eval()
     return n
@@ -135,13 +126,10 @@ def freeze_group(net: nn.Module, group: str) -> int:
 
 def apply_init(model: nn.Module, init_path: str | Path, transfer: str = "all", freeze: str = "none") -> dict[str, Any]:
     """Load `transfer`'s part of the checkpoint at init_path into model (in place), then freeze `freeze`."""
-    if transfer not in TRANSFERS:
-        raise UserError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
-    if freeze not in FREEZES:
-        raise UserError(f"freeze must be one of {', '.join(FREEZES)}, got {freeze!r}")
-    if freeze != "none" and freeze not in _COVERS[transfer]:
-        raise UserError(f"freeze={freeze} would fix weights that transfer={transfer} does not load (random ones); "
-                        f"use transfer={freeze} or transfer=all")
+    loaded, fixed = set(resolve(transfer)), set(resolve(freeze, "freeze"))
+    if fixed - loaded:
+        raise UserError(f"freeze={freeze} would fix weights that transfer={transfer} does not load (random ones: "
+                        f"{', '.join(sorted(fixed - loaded))}); use transfer={freeze} or transfer=all")
     net = _net(model)
     where = repr(str(init_path))
     meta = read_meta(init_path)

@@ -9,11 +9,11 @@ dotted (`train.lr`), in YAML either flat (`train.lr: 0.001`) or nested (`train: 
     overrides: {train.iterations: 600, train.crop: 128}
     arms:
       random: {}
-      retina: {init: runs/pretrain_retina/checkpoint, transfer: transformer, freeze: transformer}
+      retina: {init: runs/pretrain_retina/checkpoint, transfer: retina, freeze: vit_blocks}
     search_space:
       train.lr: {loguniform: [1.0e-4, 3.0e-3]}
       train.batch_size: {choice: [4, 8]}
-      freeze: {grid: [none, transformer]}
+      freeze: {grid: [none, vit_blocks]}
     seeds: [0, 1, 2]
     scheduler: {type: asha, grace_period: 100, reduction_factor: 2}
     resources: {cpus: 1, gpus: 0, workers: 1}
