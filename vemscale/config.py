@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Annotated, Any, Iterable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from vemscale.errors import UserError
 
-__all__ = ["Strict", "StageConfig", "ConfigError", "load_config", "load_cli_config", "parse_overrides", "apply_overrides"]
+__all__ = ["Strict", "StageConfig", "PositiveTriple", "ConfigError", "load_config", "load_cli_config", "parse_overrides", "apply_overrides"]
 
 
 class ConfigError(UserError):
     """A config file or override the user must fix; the message says what and where."""
+
+
+def _split_triple(v: Any) -> Any:
+    return [p for p in v.replace(" ", "").split(",")] if isinstance(v, str) else v
+
+
+def _positive(v: tuple[int, int, int]) -> tuple[int, int, int]:
+    if min(v) < 1:
+        raise ValueError("must be three positive integers z,y,x")
+    return v
+
+
+#: z,y,x of positive integers, also given as "16,512,512" (block, shard and cell shapes)
+PositiveTriple = Annotated[tuple[int, int, int], BeforeValidator(_split_triple), AfterValidator(_positive)]
 
 
 class Strict(BaseModel):

@@ -27,7 +27,7 @@ from vemscale.blocks.ledger import Ledger, ledger_url, volume_identity
 from vemscale.blocks.mask import MaskMap, plan_mask
 from vemscale.blocks.runner import Stage, ids_per_batch, run_blocks
 from vemscale.checkpoint import checkpoint_location
-from vemscale.config import StageConfig, absolute_url, dump_config
+from vemscale.config import PositiveTriple, StageConfig, absolute_url, dump_config
 from vemscale.errors import UserError
 from vemscale.infer.blockio import BlockJob, read_blocks, write_blocks
 from vemscale.infer.outputs import check_output, prepare_outputs
@@ -65,7 +65,7 @@ class InferConfig(StageConfig, ShardKeys):
     num_gpus_per_worker: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs, else 0
     mask: str | None = None  # tissue mask: a volume URL (non-zero = compute, any scale), or "auto"; None = everything
     mask_scale: int | str | None = None  # scale of the mask volume; with mask=auto, the input scale the mask is made from
-    mask_cell: tuple[int, int, int] = (4, 32, 32)  # mask=auto: z,y,x voxels (of mask_scale) per mask cell
+    mask_cell: PositiveTriple = (4, 32, 32)  # mask=auto: z,y,x voxels (of mask_scale) per mask cell
     mask_min_std: float = Field(2.0, ge=0)  # mask=auto: tissue when a cell's 4x4-pooled std >= this (0-255 scale)
     mask_dilate: int = Field(1, ge=0)  # mask=auto: grow tissue by this many cells
     overwrite: bool = False  # replace an existing output (and its ledger) instead of resuming
@@ -78,13 +78,6 @@ class InferConfig(StageConfig, ShardKeys):
             if not all(isinstance(p, str) for p in v):
                 raise ValueError("roi must be a string 'z0:z1,y0:y1,x0:x1' (quote it in YAML)")
             return ",".join(v)
-        return v
-
-    @field_validator("mask_cell")
-    @classmethod
-    def _positive_triple(cls, v: Any) -> Any:
-        if v is not None and min(v) < 1:
-            raise ValueError("must be three positive integers z,y,x")
         return v
 
     @field_validator("workers")

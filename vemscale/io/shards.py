@@ -19,11 +19,11 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from vemscale.config import Strict
+from vemscale.config import PositiveTriple, Strict
 from vemscale.errors import UserError
 
 SHARD_ABOVE_CHUNKS = 4096  # sharded="auto": shard a layer that would have more chunk objects than this
@@ -114,22 +114,8 @@ class ShardKeys(Strict):
     """Config keys of a stage that writes a layer by blocks: whether and how its layers are sharded."""
 
     sharded: Literal["auto"] | bool = "auto"  # auto: sharded when a layer would have > 4096 chunk objects
-    shard_shape: tuple[int, int, int] | None = None  # z,y,x voxels per shard; None: largest dividing the block <= shard_voxels
+    shard_shape: PositiveTriple | None = None  # z,y,x voxels per shard; None: largest dividing the block <= shard_voxels
     shard_voxels: int = Field(DEFAULT_SHARD_VOXELS, ge=1)  # target voxels per shard (x channels for probabilities)
-
-    @field_validator("shard_shape", mode="before")
-    @classmethod
-    def _shard_triple(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [p for p in v.replace(" ", "").split(",")]
-        return v
-
-    @field_validator("shard_shape")
-    @classmethod
-    def _shard_positive(cls, v: Any) -> Any:
-        if v is not None and min(v) < 1:
-            raise ValueError("must be three positive integers z,y,x")
-        return v
 
 
 @dataclass(frozen=True)
