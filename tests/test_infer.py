@@ -206,24 +206,42 @@ def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_lo
 def test_killed_actor_is_restarted_and_the_run_completes(data, ray_local):
     from ray.util.state import list_actors
 
-    cfg = config(data, "actor-killed", blocks_per_batch=2)  # small batches, so the kill lands mid-run
+    cfg = config(data, "actor-killed", blocks_per_batch=1)  # small batches, so the kill lands mid-run
     killed: list[int] = []
 
-    def kill_one_actor() -> None:
-        deadline = time.monotonic() + 120
-        while _ledger_count(cfg.output, 75) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        address = ray_local.get_runtime_context().gcs_address  # other Ray instances may run on this machine
-        for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")]):
-            if "Predictor" in actor.class_name and actor.pid:
-                os.kill(actor.pid, signal.SIGKILL)
-                killed.append(actor.pid)
-                return
+    finished = threading.Event()
 
-    killer = threading.Thread(target=kill_one_actor)
+    def kill_one_actor() -> None:
+        """SIGKILL the Predictor actor 0.3 s after it comes alive (mid-run: the actor predicts all 75 blocks
+        in about a second, ahead of the writes that fill the ledger, so the ledger cannot time the kill)."""
+        address = ray_local.get_runtime_context().gcs_address  # other Ray instances may run on this machine
+        deadline, seen = time.monotonic() + 120, {}
+        while not finished.is_set() and time.monotonic() < deadline:
+            for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")]):
+                if "Predictor" in actor.class_name and actor.pid:
+                    first = seen.setdefault(actor.pid, time.monotonic())
+                    if time.monotonic() - first >= 0.3 and not finished.is_set():
+                        os.kill(actor.pid, signal.SIGKILL)
+                        killed.append(actor.pid)
+                        return
+            time.sleep(0.02)
+
+    errors: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            kill_one_actor()
+        except BaseException as err:  # surfaced below: a failing state API must not look like "no actor"
+            errors.append(err)
+
+    killer = threading.Thread(target=watch)
     killer.start()
-    s = run_infer(cfg)["summary"]
-    killer.join()
+    try:
+        s = run_infer(cfg)["summary"]
+    finally:
+        finished.set()
+        killer.join()
+    assert not errors, errors
     assert killed, "no Predictor actor was found to kill"
     assert s["computed"] == s["blocks"] == 75 and s["actors"] >= 2  # the restarted actor has a new pid
     assert_equals_reference(data, cfg.output)

@@ -101,3 +101,17 @@ def test_two_views_differ():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         build_config(RetinaAugmentConfig, bad)
+
+
+def test_crops_stay_inside_the_image_under_quarter_turns():
+    """A non-square crop turned by 90 degrees must still lie inside the patch: no reflected pixels."""
+    from vemscale.train.ssl_augment import affine_params
+
+    cfg = RetinaAugmentConfig(flips=True, rot90=True, rotate_degrees=0.0, p_resized_crop=1.0,
+                              crop_scale=(0.08, 0.6), crop_ratio=(0.5, 1.5))
+    theta = affine_params(4096, cfg, torch.Generator().manual_seed(0), "cpu")
+    corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    where = torch.einsum("bij,kj->bki", theta, corners)  # output corners -> input coordinates
+    assert where.abs().max() <= 1.0 + 1e-6
+    turned = (theta[:, 0, 0].abs() < 1e-6)  # quarter turns happened, with non-square crops among them
+    assert turned.float().mean() > 0.4 and ((theta[:, 0, 1].abs() - theta[:, 1, 0].abs()).abs() > 0.05)[turned].any()

@@ -115,7 +115,14 @@ def test_moco_step(name):
     opt.step()
     assert torch.isfinite(loss) and 0 <= float(acc) <= 1
     assert int(moco.queue_ptr) == 4 and torch.equal(moco.queue[:, 4:], q0[:, 4:]) and not torch.equal(moco.queue[:, :4], q0[:, :4])
+    # the key encoder is the query's encoder and projection, without a copy of the decoder or head
+    keys = {n for n, _ in moco.encoder_k.named_parameters()}
+    assert keys == {n for n, _ in moco.encoder_q.named_parameters() if not n.startswith(("model.decoder.", "model.head."))}
+    before = {n: p.clone() for n, p in moco.encoder_k.named_parameters()}
+    query = {n: p.detach().clone() for n, p in moco.encoder_q.named_parameters()}
     loss, _ = moco(x, x)  # the key encoder has moved towards the updated query encoder
     k = dict(moco.encoder_k.named_parameters())
+    for n in keys:  # k <- 0.9 k + 0.1 q, name by name
+        torch.testing.assert_close(k[n], 0.9 * before[n] + 0.1 * query[n])
     moved = [not torch.equal(p, k[n]) for n, p in moco.encoder_q.named_parameters() if p.requires_grad]
     assert any(moved)

@@ -179,7 +179,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 def load_train_state(path: str | Path) -> dict | None:
     """Optimizer/scheduler/RNG state saved for resuming, if the checkpoint has it."""
     f = Path(path) / STATE_FILE
-    return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:  # tensors, numbers and lists only: never unpickle code from a checkpoint
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file is the user's to remove
+        raise UserError(f"checkpoint {str(path)!r}: cannot read its resume state {STATE_FILE}: {str(err)[:200]}; "
+                        "delete that checkpoint (or the run_dir) to start afresh") from None
 
 
 def newest_resumable(root: str | Path) -> Path | None:

@@ -75,6 +75,9 @@ class MoCo(nn.Module):
             p.requires_grad_(name in encoder)
         self.encoder_q = PooledEncoder(model, cfg.dim, cfg.hidden)
         self.encoder_k = copy.deepcopy(self.encoder_q)
+        for name in ("decoder", "head"):  # the key encoder is the encoder only: no copy of the decoder to carry
+            if hasattr(self.encoder_k.model, name):
+                setattr(self.encoder_k.model, name, nn.Identity())
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.dim, cfg.queue), dim=0))
@@ -88,8 +91,9 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _momentum_update(self) -> None:
         m = self.cfg.momentum
-        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        query = dict(self.encoder_q.named_parameters())
+        for name, pk in self.encoder_k.named_parameters():
+            pk.mul_(m).add_(query[name].detach(), alpha=1 - m)
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:

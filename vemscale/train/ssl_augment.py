@@ -71,6 +71,9 @@ def affine_params(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device
     """Per-sample (B, 2, 3) maps from output to input coordinates in [-1, 1]: crop, rotation, flips."""
     one = torch.ones(b, device=device)
     sx, sy, cx, cy = one.clone(), one.clone(), 0 * one, 0 * one
+    quarter = torch.zeros(b, device=device)
+    if cfg.rot90:
+        quarter = torch.randint(0, 4, (b,), generator=gen, device=device).float()
     if cfg.p_resized_crop > 0:
         area = _uniform(b, *cfg.crop_scale, gen, device)
         logr = _uniform(b, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), gen, device)
@@ -78,11 +81,13 @@ def affine_params(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device
         h = torch.sqrt(area / logr.exp()).clamp(max=1.0)
         use = _coin(b, cfg.p_resized_crop, gen, device)
         sx, sy = torch.where(use, w, one), torch.where(use, h, one)
-        cx = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - sx)
-        cy = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - sy)
-    angle = torch.zeros(b, device=device)
-    if cfg.rot90:
-        angle = torch.randint(0, 4, (b,), generator=gen, device=device).float() * (math.pi / 2)
+        # the crop's extent in the input: a quarter turn swaps its width and height, so the centre's range must
+        # follow, or a non-square crop leaves the image and reflected pixels enter input and target alike
+        odd = quarter % 2 == 1
+        ex, ey = torch.where(odd, sy, sx), torch.where(odd, sx, sy)
+        cx = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - ex)
+        cy = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - ey)
+    angle = quarter * (math.pi / 2)
     if cfg.rotate_degrees > 0:
         angle = angle + _uniform(b, -cfg.rotate_degrees, cfg.rotate_degrees, gen, device) * (math.pi / 180)
     if cfg.flips:
