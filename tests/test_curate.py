@@ -73,6 +73,7 @@ def test_planted_duplicates_and_blank_patches_go_and_the_manifest_matches(plante
             assert dup["duplicate_of"] == rows[rows["kept"]].iloc[0]["path"] and not dup["path"]
     unique = m[m["slice"].isin([0, 3, 4, 5, 6, 7])]
     assert unique["kept"].all() and (unique["reason"] == "").all()
+    assert set(m.loc[m["reason"] == "duplicate", "duplicate_of"]) <= set(m.loc[m["kept"], "path"])
     assert m["kept"].sum() == result["kept"] == 32
     # the manifest matches the stored patches, pixel for pixel against the source volume
     files = sorted(str(p.relative_to(out)) for p in (out / "patches").rglob("*.png"))
@@ -105,12 +106,16 @@ def test_duplicates_across_sources_and_a_folder_source(planted, ray_local, tmp_p
     Image.fromarray(vol[0]).save(folder / "a" / "same.png")
     Image.fromarray(texture(99, (200, 280))).save(folder / "a" / "other.png")  # 2 x 2 patches (round(200/128) = 2)
     Image.fromarray(texture(98, (80, 80))).save(folder / "small.png")  # smaller than a patch
+    tifffile.imwrite(folder / "a" / "stack.tif", vol[:3], photometric="minisblack")
     src = [str(root / "vol.tif"), {"path": str(folder), "name": "pngs"}]
     both = run_curate(_cfg(src, tmp_path / "across"))
     m = pd.read_parquet(tmp_path / "across" / "manifest")
     pngs = m[m["source"] == "pngs"]
     assert (pngs.loc[pngs["file"] == "small.png", "reason"] == "small").all()
     assert len(pngs[pngs["file"] == "a/other.png"]) == 4 and pngs.loc[pngs["file"] == "a/other.png", "kept"].all()
+    # a 3-page TIFF stack among the images is counted as unreadable (a stack is a volume source), not cut wrongly
+    assert (pngs.loc[pngs["file"] == "a/stack.tif", "reason"] == "unreadable").all()
+    assert set(m.loc[m["reason"] == "duplicate", "duplicate_of"]) <= set(m.loc[m["kept"], "path"])  # kept ones
     pair = m[((m["source"] == "pngs") & (m["file"] == "a/same.png")) | ((m["source"] != "pngs") & (m["slice"] == 0))]
     assert len(pair) == 8 and pair["kept"].sum() == 4 and (pair["reason"] == "duplicate").sum() == 4
     assert both["duplicates"]["across"] == 4
@@ -137,6 +142,11 @@ def test_density_and_pixel_size_and_planes(ray_local, tmp_path):
     again = run_curate(_cfg([url], tmp_path / "d2", density=0.5 / area, dedupe="none", patch=P))
     m2 = pd.read_parquet(tmp_path / "d2" / "manifest")
     assert m[["plane", "slice", "y", "x"]].equals(m2[["plane", "slice", "y", "x"]]) and again["drawn"] == res["drawn"]
+    # so sparse a draw that most tasks (one slice each) draw nothing: their manifest parts are typed and readable
+    sparse = run_curate(_cfg([{"path": url, "planes": ["xy"]}], tmp_path / "sparse", density=0.05 / area,
+                             dedupe="none", patch=P, patches_per_task=16))
+    ms = pd.read_parquet(tmp_path / "sparse" / "manifest")
+    assert len(ms) == sparse["drawn"] < 64 and ms["slice"].nunique() < 64
     xz = m[m["plane"] == "xz"]
     assert set(xz["y"]) == {0} and set(xz["x"]) <= {0, 64, 128, 192} and xz["slice"].max() < 256
     # 16 nm pixels: each patch covers 2x the source pixels per side, resampled to P x P

@@ -108,6 +108,8 @@ def _volume_plan(src: CurateSource, index: int, name: str, patch: int, target_nm
             rows, cols = {"xy": ("y", "x"), "xz": ("z", "x"), "yz": ("z", "y")}[plane]
             pixel = [float(nm[rows]), float(nm[cols])]
         win = window(patch, pixel, target_nm)
+        if src.planes == "auto" and plane != "xy" and (r1 - r0 < win[0] or w < win[1]):
+            continue  # auto planes: a thin near-isotropic stack is cut in xy only
         if r1 - r0 < win[0] or w < win[1]:
             raise UserError(f"source {src.path!r}: its {plane} planes are {r1 - r0}x{w} pixels, smaller than a patch "
                             f"({win[0]}x{win[1]} source pixels for {patch} px"
@@ -137,8 +139,9 @@ def _folder_plan(src: CurateSource, index: int, name: str, patch: int, target_nm
         img = read_image_file(first)
     except Exception as err:  # noqa: BLE001 - any decoder error is the user's file
         raise UserError(f"cannot read image {first!r}: {err}") from None
-    if img.ndim not in (2, 3):
-        raise UserError(f"{first!r} has shape {img.shape}: not a 2D grey or RGB image")
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (3, 4))):
+        raise UserError(f"{first!r} has shape {img.shape}: not a 2D grey or RGB image; give an image stack as a "
+                        "volume source (its path, not its folder)")
     pixel = [float(src.voxel_size[1]), float(src.voxel_size[0])] if src.voxel_size else None
     need = [k for k, v in (("density", density), ("pixel_size_nm", target_nm)) if v is not None]
     if need and pixel is None:

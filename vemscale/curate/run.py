@@ -62,7 +62,7 @@ class CurateConfig(StageConfig):
     classifier_threshold: float = Field(0.5, ge=0, le=1)  # keep patches scored above (CEM500K classify_patches.py)
     dedupe: Literal["across", "within", "none"] = "across"  # near-duplicates within each source, then across them
     max_distance: int = Field(MAX_DISTANCE, ge=0, le=64)  # Hamming bits of the 64-bit dHash that make a duplicate
-    seed: int = 0  # the draw and the duplicate groups' exemplars
+    seed: int = Field(0, ge=0)  # the draw and the duplicate groups' exemplars
     patches_per_task: int = Field(256, ge=1)  # patches one Ray task cuts (slices per task follow)
     max_in_flight: int | None = Field(None, ge=1)  # Ray tasks at once; default 2 x the cluster's CPUs
     overwrite: bool = False
@@ -93,6 +93,16 @@ def _check_output(output: str) -> None:
             raise UserError(f"output {output!r} is a file; the output is a directory")
         if os.path.isdir(path) and os.listdir(path) and not {CORPUS_FILE, ".vemscale-ledger"} & set(os.listdir(path)):
             raise UserError(f"output {output!r} is a non-empty directory that is not a vemscale corpus")
+        return
+    import tensorstore as ts
+
+    from vemscale.io.urls import kvstore_url
+
+    kv = ts.KvStore.open(kvstore_url(parsed) + "/").result()  # an object-store prefix: ours, or empty
+    if kv.read(CORPUS_FILE).result().state == "value" or kv.read(".vemscale-ledger/sample/ledger.json").result().state == "value":
+        return
+    if kv.list().result():
+        raise UserError(f"output {output!r} is a non-empty prefix that is not a vemscale corpus; choose an empty one")
 
 
 def _describe(cfg: CurateConfig, plans: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,6 +161,8 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
     describe = _describe(cfg, plans)
     ledger = Ledger.open(ledger_url(out_kv_url, "sample"), describe, reset=cfg.overwrite)
     if ledger.fresh or ledger.count_done(total) == 0:  # a new corpus: nothing of an older one may stay
+        kv.delete_range(ts.KvStore.KeyRange(f"{T.SCRATCH_DIR}/across_map.parquet",
+                                            f"{T.SCRATCH_DIR}/across_map.parquet\0")).result()
         for prefix in ("patches/", "manifest/", "report/", f"{T.SCRATCH_DIR}/sample/", f"{T.SCRATCH_DIR}/within/",
                        f"{T.SCRATCH_DIR}/across/", f"{T.SCRATCH_DIR}/survivors/"):
             kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
@@ -186,8 +198,8 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
         dups["across"] = sum(json.loads(p)["duplicates"] for _, p in across.payloads(1) if p)
         after = across.generation
     fin = Ledger.open(ledger_url(out_kv_url, "finalize"), {"step": "finalize", "after": after})
-    stage = Stage("finalize", T.finalize_batch, {"plans": plans, "out_url": out_kv_url}, num_cpus=1,
-                  concurrency=inflight)
+    stage = Stage("finalize", T.finalize_batch, {"plans": plans, "out_url": out_kv_url, "run": fin.generation},
+                  num_cpus=1, concurrency=inflight)
     timings["finalize"] = run_blocks("curate manifest", total, fin, [stage], batch_ids=1, progress=False)
     counts: dict[str, dict[str, int]] = {p["name"]: {} for p in plans}
     for _, p in fin.payloads(total):

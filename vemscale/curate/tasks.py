@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
 from typing import Any
 
@@ -23,6 +24,8 @@ import tensorstore as ts
 from vemscale.curate import patches as P
 from vemscale.curate.dedupe import exemplars
 from vemscale.curate.plan import locate
+
+log = logging.getLogger(__name__)
 
 SCRATCH_DIR = ".vemscale-scratch"
 EXAMPLES_PER_REASON = 2  # dropped patches a sampled task keeps for the report's mosaics
@@ -51,12 +54,13 @@ def read_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("L"))
 
 
-def _parquet_bytes(columns: dict[str, Any]) -> bytes:
+def _parquet_bytes(columns: Any) -> bytes:
+    """A pyarrow table (or a dict of columns) as Parquet bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(columns), sink, compression="zstd")
+    pq.write_table(columns if isinstance(columns, pa.Table) else pa.table(columns), sink, compression="zstd")
     return sink.getvalue().to_pybytes()
 
 
@@ -113,8 +117,10 @@ def _image_of(src: dict[str, Any], index: int) -> tuple[str, np.ndarray]:
 
     rel = bytes(_file_list(src["list"])[index]).decode()
     img = read_image_file(os.path.join(src["url"], rel))
-    if img.ndim == 3:
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
         img = img[..., 0]  # CEM500K patchify2d.py keeps the first channel of RGB images
+    elif img.ndim != 2:
+        raise ValueError(f"{rel}: shape {img.shape} is not a 2D grey or RGB image (give a stack as a volume source)")
     return rel, P.to_uint8(img, dtype_scale(img.dtype))
 
 
@@ -125,13 +131,67 @@ def sample_batch(batch: dict[str, Any], plans: list[dict[str, Any]], patch: int,
                                                classifier_threshold, seed, out_url, run) for t in ids]}
 
 
+def _schema() -> Any:
+    """The sample parts' columns, typed (a task that draws nothing still writes a readable, typed part)."""
+    import pyarrow as pa
+
+    types = {"task": pa.int64(), "source": pa.string(), "plane": pa.string(), "slice": pa.int64(),
+             "file": pa.string(), "y": pa.int64(), "x": pa.int64(), "h": pa.int64(), "w": pa.int64(),
+             "pixel_nm": pa.float64(), "std": pa.float64(), "pooled_std": pa.float64(), "entropy": pa.float64(),
+             "laplacian_var": pa.float64(), "saturated": pa.float64(), "dhash": pa.int64(),
+             "classifier_p": pa.float64(), "reason": pa.string(), "path": pa.string()}
+    return pa.schema([(c, types[c]) for c in COLUMNS])
+
+
 def sample_task(task: int, plans: list[dict[str, Any]], patch: int, filters: P.Filters, classifier: str | None,
                 classifier_threshold: float, seed: int, out_url: str, run: str) -> bytes:
+    """Cut, measure, filter and store the drawn patches of one task, one row of patches at a time (memory: one
+    row of patches, whatever the section's size)."""
+    import pyarrow as pa
+
     src, j, pl, k0, k1 = locate(plans, task)
     kv = _kv(out_url)
     rows: dict[str, list] = {c: [] for c in COLUMNS}
-    images: list[np.ndarray] = []
     win = pl["window"]
+    futures: list[Any] = []
+    counts: dict[str, int] = {}
+    examples: dict[str, int] = {}
+    example_task = (task - src["task0"]) % max(1, src["tasks"] // EXAMPLE_TASKS) == 0
+
+    def add(k: int, rel: str, y: int, x: int, h: int, w: int, st: P.PatchStats | None, hsh: int, why: str) -> int:
+        for c, v in (("task", task), ("source", src["name"]), ("plane", pl["plane"]), ("slice", k), ("file", rel),
+                     ("y", y), ("x", x), ("h", h), ("w", w),
+                     ("pixel_nm", float(pl["pixel_nm"][0]) if pl["pixel_nm"] else np.nan),
+                     ("std", st.std if st else np.nan), ("pooled_std", st.pooled_std if st else np.nan),
+                     ("entropy", st.entropy if st else np.nan), ("laplacian_var", st.laplacian_var if st else np.nan),
+                     ("saturated", st.saturated if st else np.nan), ("dhash", hsh), ("classifier_p", np.nan),
+                     ("reason", why), ("path", "")):
+            rows[c].append(v)
+        return len(rows["task"]) - 1
+
+    def store(row: list[tuple[int, np.ndarray]]) -> None:
+        """The classifier (if any) over one row's passing patches, then their PNGs and the report examples."""
+        if classifier is not None:
+            todo = [(i, img) for i, img in row if rows["reason"][i] == ""]
+            if todo:
+                probs = _classifier(classifier)(np.stack([img for _, img in todo]))
+                for (i, _), pr in zip(todo, probs):
+                    rows["classifier_p"][i] = float(pr)
+                    if pr <= classifier_threshold:  # CEM500K classify_patches.py keeps patches scored > 0.5
+                        rows["reason"][i] = "classifier"
+        for i, img in row:
+            why = rows["reason"][i]
+            if why == "":
+                where = (f"{pl['plane']}_{rows['slice'][i]:06d}" if src["kind"] == "volume"
+                         else f"img_{rows['slice'][i]:08d}")
+                rows["path"][i] = f"{src['name']}/{where}/{rows['y'][i]}_{rows['x'][i]}.png"
+                futures.append(kv.write(f"patches/{rows['path'][i]}", png_bytes(img)))
+            elif example_task and examples.get(why, 0) < EXAMPLES_PER_REASON:
+                examples[why] = examples.get(why, 0) + 1
+                futures.append(kv.write(f"report/examples/{why}/{task:09d}_{i}.png", png_bytes(img)))
+        while len(futures) > 64:  # bound what is in flight
+            futures.pop(0).result()
+
     for k in range(k0, k1):
         if src["kind"] == "volume":
             r0, r1 = pl["rows"]
@@ -139,7 +199,12 @@ def sample_task(task: int, plans: list[dict[str, Any]], patch: int, filters: P.F
             ys, xs = P.patch_starts(r1 - r0, win[0]) + r0, P.patch_starts(c1 - c0, win[1]) + c0
             read, rel = _read_rows(src, pl, k, run), ""
         else:
-            rel, img = _image_of(src, k)
+            try:
+                rel, img = _image_of(src, k)
+            except Exception as err:  # noqa: BLE001 - one unreadable image among many is counted, not fatal
+                add(k, bytes(_file_list(src["list"])[k]).decode(), 0, 0, 0, 0, None, 0, "unreadable")
+                log.warning("curate: %s", err)
+                continue
             ys, xs = P.patch_starts(img.shape[0], win[0]), P.patch_starts(img.shape[1], win[1])
             read = (lambda im: lambda y0, y1, x0, x1: im[y0:y1, x0:x1])(img)
         take = P.drawn(seed, src["index"], j, k, len(ys) * len(xs), pl["p"]).reshape(len(ys), len(xs))
@@ -148,6 +213,7 @@ def sample_task(task: int, plans: list[dict[str, Any]], patch: int, filters: P.F
                 continue
             cols = xs[take[a]]
             band = read(int(y), int(y) + win[0], int(cols[0]), int(cols[-1]) + win[1])  # one read per row of patches
+            row: list[tuple[int, np.ndarray]] = []
             for x in cols:
                 raw = band[:, int(x - cols[0]) : int(x - cols[0]) + win[1]]
                 if src["kind"] == "volume":
@@ -156,38 +222,14 @@ def sample_task(task: int, plans: list[dict[str, Any]], patch: int, filters: P.F
                 small = h < win[0] or w < win[1]
                 x8 = P.resample(raw, (min(patch, h * patch // win[0]), min(patch, w * patch // win[1])))
                 st = P.patch_stats(x8)
-                why = "small" if small else P.reason(st, filters)
-                for c, v in (("task", task), ("source", src["name"]), ("plane", pl["plane"]), ("slice", k),
-                             ("file", rel), ("y", int(y)), ("x", int(x)), ("h", h), ("w", w),
-                             ("pixel_nm", float(pl["pixel_nm"][0]) if pl["pixel_nm"] else np.nan),
-                             ("std", st.std), ("pooled_std", st.pooled_std), ("entropy", st.entropy), ("laplacian_var", st.laplacian_var),
-                             ("saturated", st.saturated), ("dhash", np.uint64(P.dhash(x8)).view(np.int64)),
-                             ("classifier_p", np.nan), ("reason", why), ("path", "")):
-                    rows[c].append(v)
-                images.append(x8)
-    if classifier is not None:
-        todo = [i for i, r in enumerate(rows["reason"]) if r == ""]
-        if todo:
-            probs = _classifier(classifier)(np.stack([images[i] for i in todo]))
-            for i, p in zip(todo, probs):
-                rows["classifier_p"][i] = float(p)
-                if p <= classifier_threshold:  # CEM500K classify_patches.py keeps patches scored > 0.5
-                    rows["reason"][i] = "classifier"
-    futures, counts, examples = [], {}, {}
-    example_task = (task - src["task0"]) % max(1, src["tasks"] // EXAMPLE_TASKS) == 0
-    for i, why in enumerate(rows["reason"]):
+                i = add(k, rel, int(y), int(x), h, w, st, int(np.uint64(P.dhash(x8)).view(np.int64)),
+                        "small" if small else P.reason(st, filters))
+                row.append((i, x8))
+            store(row)
+    for why in rows["reason"]:
         counts[why or "passed"] = counts.get(why or "passed", 0) + 1
-        if why == "":
-            where = f"{pl['plane']}_{rows['slice'][i]:06d}" if src["kind"] == "volume" else f"img_{rows['slice'][i]:08d}"
-            path = f"{src['name']}/{where}/{rows['y'][i]}_{rows['x'][i]}.png"
-            rows["path"][i] = path
-            futures.append(kv.write(f"patches/{path}", png_bytes(images[i])))
-        elif example_task and examples.get(why, 0) < EXAMPLES_PER_REASON:
-            examples[why] = examples.get(why, 0) + 1
-            futures.append(kv.write(f"report/examples/{why}/{task:09d}_{i}.png", png_bytes(images[i])))
-    columns = {c: rows[c] for c in COLUMNS}
-    columns["dhash"] = np.asarray(rows["dhash"], np.int64)
-    futures.append(kv.write(f"{SCRATCH_DIR}/sample/{task:09d}.parquet", _parquet_bytes(columns)))
+    table = pa.table({c: rows[c] for c in COLUMNS}, schema=_schema())
+    futures.append(kv.write(f"{SCRATCH_DIR}/sample/{task:09d}.parquet", _parquet_bytes(table)))
     for f in futures:
         f.result()
     return json.dumps(counts).encode()
@@ -202,7 +244,8 @@ def _passing(kv: ts.KvStore, tasks: range) -> tuple[np.ndarray, np.ndarray, np.n
     for task in tasks:
         table = read_parquet(kv, f"{SCRATCH_DIR}/sample/{task:09d}.parquet", ["reason", "path", "dhash"])
         if table is None:
-            raise RuntimeError(f"sample part of task {task} is missing (rerun to recompute)")
+            raise RuntimeError(f"sample part of task {task} is missing though its ledger says done (files removed by "
+                               "hand?); rerun with overwrite=true")
         keep = np.asarray(table.column("reason").to_pylist()) == ""
         paths = np.asarray(table.column("path").to_pylist(), dtype=object)[keep]
         t.append(np.full(len(paths), task, np.int64))
@@ -250,35 +293,55 @@ def across_batch(batch: dict[str, Any], sources: int, max_distance: int, seed: i
     t, p, h = [], [], []
     for s in range(sources):
         table = read_parquet(kv, f"{SCRATCH_DIR}/survivors/{s:05d}.parquet")
+        if table is None:
+            raise RuntimeError(f"survivors of source {s} are missing (files removed by hand?); rerun with overwrite=true")
         t.append(table.column("task").to_numpy())
         p.append(np.asarray(table.column("path").to_pylist(), dtype=object))
         h.append(table.column("dhash").to_numpy())
     task, path, hashes = np.concatenate(t), np.concatenate(p), np.concatenate(h)
-    n = _write_duplicates(kv, "across", task, path, exemplars(hashes, max_distance, seed + 7919))
+    owner = exemplars(hashes, max_distance, seed + 7919)
+    n = _write_duplicates(kv, "across", task, path, owner)
+    dropped = owner != np.arange(len(owner))  # so within-duplicates of a dropped exemplar name the patch kept
+    kv.write(f"{SCRATCH_DIR}/across_map.parquet",
+             _parquet_bytes({"path": list(path[dropped]), "duplicate_of": list(path[owner[dropped]])})).result()
     return {"id": np.asarray(batch["id"], np.int64), "payload": [json.dumps({"duplicates": n}).encode()]}
 
 
 # --- finalize -------------------------------------------------------------------------------------------------
 
 
-def finalize_batch(batch: dict[str, Any], plans: list[dict[str, Any]], out_url: str) -> dict[str, Any]:
+def finalize_batch(batch: dict[str, Any], plans: list[dict[str, Any]], out_url: str, run: str) -> dict[str, Any]:
     ids = np.asarray(batch["id"], np.int64)
-    return {"id": ids, "payload": [finalize_task(int(t), plans, out_url) for t in ids]}
+    return {"id": ids, "payload": [finalize_task(int(t), plans, out_url, run) for t in ids]}
 
 
-def finalize_task(task: int, plans: list[dict[str, Any]], out_url: str) -> bytes:
+@functools.lru_cache(maxsize=2)
+def _across_map(out_url: str, run: str) -> dict[str, str]:
+    """Exemplars dropped across sources -> the patch kept for them (empty without an across pass)."""
+    table = read_parquet(_kv(out_url), f"{SCRATCH_DIR}/across_map.parquet")
+    if table is None:
+        return {}
+    return dict(zip(table.column("path").to_pylist(), table.column("duplicate_of").to_pylist()))
+
+
+def finalize_task(task: int, plans: list[dict[str, Any]], out_url: str, run: str = "") -> bytes:
     import pyarrow as pa
 
     src = locate(plans, task)[0]
     kv = _kv(out_url)
     table = read_parquet(kv, f"{SCRATCH_DIR}/sample/{task:09d}.parquet")
+    if table is None:
+        raise RuntimeError(f"sample part of task {task} is missing though its ledger says done (files removed by "
+                           "hand?); rerun with overwrite=true")
+    final = _across_map(out_url, run)
     reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
     path = np.asarray(table.column("path").to_pylist(), dtype=object)
     dup_of = np.full(len(path), "", dtype=object)
     for step in ("within", "across"):
         dups = read_parquet(kv, f"{SCRATCH_DIR}/{step}/{task:09d}.parquet")
         if dups is not None and dups.num_rows:
-            where = dict(zip(dups.column("path").to_pylist(), dups.column("duplicate_of").to_pylist()))
+            where = {p: final.get(d, d) for p, d in zip(dups.column("path").to_pylist(),
+                                                         dups.column("duplicate_of").to_pylist())}
             for i, pth in enumerate(path):
                 if pth in where and reason[i] == "":
                     reason[i], dup_of[i] = "duplicate", where[pth]

@@ -114,7 +114,8 @@ def check_input_dtype(volume: Any, meta: Any, input_url: str, checkpoint: str) -
         raise UserError(f"input {input_url!r} is {volume.dtype} (full scale {scale:g}) but checkpoint {checkpoint!r} was "
                         f"trained on {kinds.get(trained, f'full scale {trained:g}')} images: its normalisation would "
                         f"put these grey values out of range. Convert the volume to {kinds.get(trained, 'that range')} "
-                        f"(e.g. uint16 -> uint8: x // 257) or fine-tune on {volume.dtype} data")
+                        f"(rescale its grey-value range, e.g. its 0.1-99.9 percentiles, to 0..255) or fine-tune on "
+                        f"{volume.dtype} data")
 
 
 def validate(cfg: InferConfig) -> dict[str, Any]:
