@@ -364,11 +364,7 @@ def finalize_task(task: int, plans: list[dict[str, Any]], out_url: str, run: str
     out = out.append_column("reason", pa.array(list(reason), pa.string()))
     out = out.append_column("path", pa.array(["patches/" + p if p else "" for p in path], pa.string()))
     out = out.append_column("duplicate_of", pa.array(["patches/" + d if d else "" for d in dup_of], pa.string()))
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(out, sink, compression="zstd")
-    kv.write(f"manifest/part-{task:09d}.parquet", sink.getvalue().to_pybytes()).result()
+    kv.write(f"manifest/part-{task:09d}.parquet", _parquet_bytes(out)).result()
     counts: dict[str, int] = {}
     for r in reason:
         counts[r or "kept"] = counts.get(r or "kept", 0) + 1
