@@ -19,6 +19,7 @@ from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.augment import AugmentConfig
 from vemscale.train.metrics_log import metrics_logger, read_metrics
+from vemscale.train.select import SelectionConfig, TargetVolume, coerce_target
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,21 @@ class FinetuneConfig(StageConfig):
     # parameter groups (vemscale.models.groups): a set (all, encoder, retina, vit, none) or groups "cnn,embed"
     transfer: str = "all"  # RETINA (BaderLab/RETINA train.py): retina = all but decoder and head
     freeze: str = "none"  # RETINA: vit_blocks = the ViT blocks and their final norm
+    # checkpoint selection without target labels (vemscale.train.select): last | morphology | area_ratio
+    select: Literal["last", "morphology", "area_ratio"] = "last"
+    target: TargetVolume | None = None  # the unlabeled target volume the selection predicts on
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, v: Any) -> Any:
+        return coerce_target(v)
+
+    @model_validator(mode="after")
+    def _select_needs_target(self) -> "FinetuneConfig":
+        if self.select != "last" and self.target is None:
+            raise ValueError(f"select={self.select} needs the unlabeled target volume: add target=<volume>")
+        return self
 
     @field_validator("transfer")
     @classmethod
@@ -186,10 +202,27 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     scale = dtype_scale(stacks[0].image.dtype)
     mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else channel_stats(stacks, scale)
     voxel = cfg.data.voxel_size_xyz or stacks[0].voxel_size_xyz
+    in_chans = next(iter(chans))
+    selection = None
+    if cfg.target is not None:  # the target and the prior are checked here, before any worker starts
+        from vemscale.train import select as sel
+
+        target, _ = sel.load_target(cfg.target.model_dump(), in_chans)
+        if target.dtype != stacks[0].image.dtype:
+            raise UserError(f"target {cfg.target.image!r} is {target.dtype} but the training images are "
+                            f"{stacks[0].image.dtype}; convert it so the same normalisation applies")
+        cls = sel.class_index(cfg.data.classes, cfg.selection.class_name)
+        method = "morphology" if cfg.select == "last" else cfg.select  # last: recorded, never copied
+        prior = cfg.selection.prior
+        if prior is None:
+            prior = sel.source_prior(stacks, cls, method, cfg.selection.min_size)
+        selection = {"method": method, "choose": cfg.select != "last", "prior": float(prior), "class": cls,
+                     "threshold": cfg.selection.threshold, "min_size": cfg.selection.min_size}
     return {
         "normalization": {"scale": scale, "mean": list(mean), "std": list(std)},
         "voxel_size_xyz": list(voxel) if voxel else None,
-        "in_chans": chans.pop(),
+        "in_chans": in_chans,
+        "selection": selection,
     }
 
 
@@ -226,6 +259,16 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
             src["image"], src["labels"] = absolute_url(src["image"]), absolute_url(src["labels"])
     if worker_cfg.get("init"):
         worker_cfg["init"] = absolute_url(worker_cfg["init"])
+    if worker_cfg.get("target"):
+        for key in ("image", "labels"):
+            if worker_cfg["target"].get(key):
+                worker_cfg["target"][key] = absolute_url(worker_cfg["target"][key])
+    keepers = []
+    if derived["selection"]:
+        from vemscale.train.select import selection_keeper
+
+        sel = derived["selection"]
+        keepers.append(selection_keeper(run_dir, sel["method"], sel["prior"], copy=sel["choose"]))
     resume = newest_resumable(run_dir / "ray")
     worker_cfg.update(derived, config=cfg.model_dump(mode="json"), threads=cpus, resume_dir=str(resume) if resume else None)
     return TorchTrainer(
@@ -238,7 +281,7 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
             name="train",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[metrics_logger(run_dir, METRIC_COLUMNS, _report_line(run_dir)), *callbacks],
+            callbacks=[metrics_logger(run_dir, METRIC_COLUMNS, _report_line(run_dir)), *keepers, *callbacks],
         ),
     )
 
@@ -252,12 +295,21 @@ def export_result(cfg: FinetuneConfig, result) -> dict[str, Any]:
     export_final(result.checkpoint, final)
     plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    return {
+    out = {
         "checkpoint": str(final),
         "metrics_csv": str(run_dir / "metrics.csv"),
         "plot": str(run_dir / "metrics.png"),
         "metrics": metrics,
     }
+    if cfg.target is not None:
+        from vemscale.train.select import RECORD_FILE, SELECTED_DIR, read_record
+
+        record = read_record(run_dir)
+        out["selection"] = {k: v for k, v in record.items() if k != "intervals"}
+        out["selection_record"] = str(run_dir / RECORD_FILE)
+        if cfg.select != "last":
+            out["selected_checkpoint"] = str(run_dir / SELECTED_DIR)
+    return out
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -282,4 +334,13 @@ def run_cli(args: argparse.Namespace) -> dict:
     print(f"checkpoint: {result['checkpoint']}")
     if "val_iou" in m:
         print(f"held-out IoU (foreground mean): {m['val_iou']:.4f} at iteration {m.get('iteration')}")
+    sel = result.get("selection")
+    if sel and "chosen_iteration" in sel:
+        line = f"{cfg.select} selection: iteration {sel['chosen_iteration']} (|statistic - prior| {sel['chosen_distance']:.4f})"
+        if "oracle_target_iou" in sel:
+            line += (f"; target IoU chosen {sel['chosen_target_iou']:.4f}, last {sel['last_target_iou']:.4f}, "
+                     f"oracle {sel['oracle_target_iou']:.4f} (iteration {sel['oracle_iteration']})")
+        print(line)
+        if result.get("selected_checkpoint"):
+            print(f"selected checkpoint: {result['selected_checkpoint']}")
     return result

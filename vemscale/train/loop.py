@@ -84,6 +84,23 @@ def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Nor
     return out
 
 
+def score_target(model, image: np.ndarray, labels: np.ndarray | None, sel: dict, grid: TileGrid,
+                 normalizer: Normalizer, device, batch: int) -> dict:
+    """The selection statistics of one validation interval: the target sample predicted as inference does."""
+    from vemscale.train.select import target_metrics
+
+    net = model.module if hasattr(model, "module") else model
+    was_training = net.training
+    net.eval()
+    shape = image.shape[1:]
+    box = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    probs = predict_block_xy(net, numpy_reader(image), box, shape, grid, normalizer, batch_size=batch, device=device)
+    net.train(was_training)
+    cls = sel["class"]
+    return target_metrics(probs[cls], None if labels is None else labels == cls, sel["method"], sel["prior"],
+                          sel["threshold"], sel["min_size"])
+
+
 def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> CheckpointMeta:
     return CheckpointMeta(
         kind="segmentation",
@@ -130,6 +147,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["train"]]
     val_stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["val"]] if rank == 0 else []
+    sel = cfg.get("selection")
+    target = None
+    if sel and rank == 0:
+        from vemscale.train.select import load_target
+
+        target = load_target(cfg["target"])
 
     torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
     model = create_model(cfg["model"]["name"], in_chans=stacks[0].image.shape[0], num_classes=k, **cfg["model"]["kwargs"])
@@ -176,7 +199,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         loop_images += local_batch * world
         done = it + 1
         due_val = done % tcfg["val_every"] == 0 or done == total
-        due_ckpt = done % tcfg["checkpoint_every"] == 0 or done == total
+        # a selection can only keep a checkpoint that was reported: one at every validation interval
+        due_ckpt = done % tcfg["checkpoint_every"] == 0 or done == total or (bool(sel) and due_val)
         if not (done % tcfg["log_every"] == 0 or due_val or due_ckpt):
             continue
         metrics: dict[str, Any] = {
@@ -193,6 +217,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics.update(validate(model, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
             best = max(best, metrics["val_iou"])
             metrics["best_val_iou"] = best
+        if rank == 0 and due_val and target is not None:
+            metrics.update(score_target(model, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
         if rank == 0 and due_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 state = {"optimizer": optimizer.state_dict(), "iteration": done}
