@@ -51,6 +51,8 @@ class CheckpointMeta(BaseModel):
     iteration: int = 0
     metrics: dict[str, Any] = Field(default_factory=dict)
     train_config: dict[str, Any] = Field(default_factory=dict)
+    # grey-value histogram of the training images (io.histogram.Histogram.to_dict), for infer match_histogram=checkpoint
+    input_histogram: dict[str, Any] | None = None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

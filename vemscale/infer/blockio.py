@@ -43,6 +43,7 @@ class BlockJob(BaseModel):
     margin: int
     mask: dict[str, Any] | None = None  # a vemscale.blocks.mask.MaskMap: blocks without tissue are not computed
     run_id: str = ""  # one per run: cached store handles never outlive the run that opened them
+    lut: list[int] | None = None  # match_histogram: the input's grey values -> the reference's (io.histogram)
 
 
 def tile_context_box(box: Box, volume_shape: tuple[int, int, int], grid: TileGrid, mode: str) -> Box:

@@ -10,6 +10,7 @@ checks at the end that the ledger holds every block.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -68,6 +69,9 @@ class InferConfig(StageConfig, ShardKeys):
     mask_cell: PositiveTriple = (4, 32, 32)  # mask=auto: z,y,x voxels (of mask_scale) per mask cell
     mask_min_std: float = Field(2.0, ge=0)  # mask=auto: tissue when a cell's 4x4-pooled std >= this (0-255 scale)
     mask_dilate: int = Field(1, ge=0)  # mask=auto: grow tissue by this many cells
+    # histogram matching of the input to a reference (vemscale.io.histogram): "checkpoint" (the histogram of the
+    # images the model was trained on), a reference volume URL, or a histogram .json; None = the raw grey values
+    match_histogram: str | None = None
     overwrite: bool = False  # replace an existing output (and its ledger) instead of resuming
     progress: bool = True  # a progress bar over blocks on stderr
 
@@ -155,7 +159,19 @@ def validate(cfg: InferConfig) -> dict[str, Any]:
         mask = plan_mask(cfg.mask, cfg.mask_scale, zyx, volume.voxel_size_xyz)
     elif cfg.mask_scale is not None:
         raise UserError("mask_scale is given without mask; set mask=<volume URL> or mask=auto, or drop mask_scale")
-    return {"volume": volume, "meta": meta, "plan": plan, "layout": layout, "mask": mask}
+    lut = None
+    if cfg.match_histogram is not None:  # measured here, once: every block goes through the same table
+        from vemscale.io.histogram import match_lut, reference_histogram, volume_histogram
+
+        if _channels(volume.shape) != 1:
+            raise UserError(f"match_histogram works on one-channel volumes; {cfg.input!r} has shape {volume.shape}")
+        ref = reference_histogram(cfg.match_histogram, getattr(meta, "input_histogram", None))
+        src = volume_histogram(cfg.input, scale=cfg.scale)
+        if ref.dtype != src.dtype:
+            raise UserError(f"match_histogram: the reference is {ref.dtype} but {cfg.input!r} is {src.dtype}; "
+                            "match volumes of the same dtype")
+        lut = match_lut(src, ref)
+    return {"volume": volume, "meta": meta, "plan": plan, "layout": layout, "mask": mask, "lut": lut}
 
 
 def _num_gpus(cfg: InferConfig) -> float:
@@ -193,7 +209,7 @@ def tile_recompute_factor(plan: BlockGrid, grid: TileGrid, mode: str) -> float:
 
 
 def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weights: str, use_gpu: bool,
-                 layout: Layout | None = None, mask: dict[str, Any] | None = None) -> dict[str, Any]:
+                 layout: Layout | None = None, mask: dict[str, Any] | None = None, lut: Any = None) -> dict[str, Any]:
     """What decides the bytes of each block (the ledger fingerprint); halo and workers do not.
 
     threads_per_worker is left out on purpose: torch's CPU kernels can move a probability by one ulp with
@@ -209,6 +225,7 @@ def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weig
         "mode": cfg.mode, "write": cfg.write, "batch_size": cfg.batch_size,
         "device": "cuda-bf16" if use_gpu else "cpu-fp32",
         "layout": layout.to_dict() if layout else None, "mask": mask,
+        "match_histogram": None if lut is None else hashlib.sha256(np.asarray(lut, np.uint16).tobytes()).hexdigest(),
     }
 
 
@@ -293,7 +310,7 @@ def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
         mask_describe = None
     num_gpus = _num_gpus(cfg)
     workers = _num_workers(cfg, num_gpus)
-    describe = describe_run(cfg, volume, meta, plan, weights, num_gpus > 0, layout, mask_describe)
+    describe = describe_run(cfg, volume, meta, plan, weights, num_gpus > 0, layout, mask_describe, checked["lut"])
     ledger = Ledger.open(ledger_url(cfg.output), describe, reset=cfg.overwrite)
     num_blocks = plan.num_blocks
     pending = num_blocks - ledger.count_done(num_blocks)
@@ -310,6 +327,7 @@ def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
                    batch_size=cfg.batch_size, threads=cfg.threads_per_worker, use_gpu=num_gpus > 0,
                    layers={n: layer.spec for n, layer in layers.items()}, tile=grid.tile, margin=grid.margin,
                    mask=mask.to_dict() if mask is not None else None,
+                   lut=None if checked["lut"] is None else checked["lut"].tolist(),
                    run_id=uuid.uuid4().hex).model_dump(mode="json")
     return {"t_start": t_start, "plan": plan, "layers": layers, "classes": classes, "k": k, "ledger": ledger,
             "workers": workers, "num_gpus": num_gpus, "pending": pending, "recompute": recompute, "job": job,

@@ -34,10 +34,12 @@ def weights_sha256(checkpoint: str | Path) -> str:
     return h.hexdigest()
 
 
-def grid_and_normalizer(meta: CheckpointMeta) -> tuple[TileGrid, Normalizer]:
+def grid_and_normalizer(meta: CheckpointMeta, lut: Any = None) -> tuple[TileGrid, Normalizer]:
+    """The checkpoint's tiling and normalisation; `lut` (a histogram-matching table) goes before the latter."""
     n = meta.normalization
     return TileGrid(meta.tile, meta.margin), Normalizer(float(n.get("scale", 255.0)), tuple(n.get("mean", (0.5,))),
-                                                        tuple(n.get("std", (0.25,))))
+                                                        tuple(n.get("std", (0.25,))),
+                                                        None if lut is None else np.asarray(lut, np.uint16))
 
 
 class BlockReader:
@@ -85,7 +87,7 @@ class Predictor:
         if weights_sha256(self.job.checkpoint) != self.job.weights_sha256:
             raise RuntimeError(f"checkpoint {self.job.checkpoint} changed since the run was planned; rerun infer")
         self.model, meta = load_checkpoint(self.job.checkpoint, self.device)
-        self.tiles, self.normalize = grid_and_normalizer(meta)
+        self.tiles, self.normalize = grid_and_normalizer(meta, self.job.lut)
         self.grid = BlockGrid.from_dict(self.job.grid)
         self.layers = set(self.job.layers)
         self.mask = MaskMap.from_dict(self.job.mask) if self.job.mask is not None else None

@@ -8,7 +8,7 @@ padded), so a block, a whole slice or a whole volume give the same bytes for the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -73,9 +73,12 @@ class Normalizer:
     scale: float = 255.0
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
+    lut: np.ndarray | None = field(default=None, repr=False, compare=False)  # histogram matching (io.histogram)
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
-        """raw (C, ...) -> float32 normalised (C, ...)."""
+        """raw (C, ...) -> float32 normalised (C, ...); grey values first go through `lut` when there is one."""
+        if self.lut is not None:
+            raw = self.lut[raw]
         x = raw.astype(np.float32) / np.float32(self.scale)
         mean = np.asarray(self.mean, np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
         std = np.asarray(self.std, np.float32).reshape((-1,) + (1,) * (x.ndim - 1))

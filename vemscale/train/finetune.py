@@ -39,6 +39,9 @@ class DataConfig(Strict):
     planes: Literal["xy", "all", "auto"] = "xy"  # all = xy+xz+yz crops (isotropic data)
     voxel_size_xyz: tuple[float, float, float] | None = None  # nm; read from the image when omitted
     mean: list[float] | None = None  # input normalisation after scaling to [0,1]; measured on train when omitted
+    # every train/val image's histogram matched to this reference (a volume URL or a histogram .json), e.g. the
+    # target volume, so the model learns on target-like grey values (vemscale.io.histogram); None = raw values
+    match_histogram: str | None = None
     std: list[float] | None = None
 
     @field_validator("classes")
@@ -189,6 +192,12 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     k = len(cfg.data.classes)
     stacks = [load_labelled(s.image, s.labels, s.slices, k) for s in cfg.data.train]
     val = [load_labelled(s.image, s.labels, s.slices, k) for s in cfg.data.val]
+    reference = None
+    if cfg.data.match_histogram:
+        from vemscale.io.histogram import reference_histogram
+
+        reference = reference_histogram(cfg.data.match_histogram)
+        match_stacks(stacks + val, reference.to_dict())
     chans = {st.image.shape[0] for st in stacks + val}
     if len(chans) != 1:
         raise UserError(f"all volumes must have the same number of channels, found {sorted(chans)}")
@@ -203,6 +212,11 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else channel_stats(stacks, scale)
     voxel = cfg.data.voxel_size_xyz or stacks[0].voxel_size_xyz
     in_chans = next(iter(chans))
+    histogram = None
+    if in_chans == 1 and stacks[0].image.dtype.kind == "u" and stacks[0].image.dtype.itemsize <= 2:
+        from vemscale.io.histogram import histogram_of
+
+        histogram = sum((histogram_of(st.image) for st in stacks[1:]), histogram_of(stacks[0].image)).to_dict()
     selection = None
     if cfg.target is not None:  # the target and the prior are checked here, before any worker starts
         from vemscale.train import select as sel
@@ -217,13 +231,34 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
         if prior is None:
             prior = sel.source_prior(stacks, cls, method, cfg.selection.min_size)
         selection = {"method": method, "choose": cfg.select != "last", "prior": float(prior), "class": cls,
-                     "threshold": cfg.selection.threshold, "min_size": cfg.selection.min_size}
+                     "threshold": cfg.selection.threshold, "min_size": cfg.selection.min_size, "lut": None}
+        if cfg.target.match_histogram:  # the target seen as infer match_histogram=checkpoint will see it
+            from vemscale.io.histogram import Histogram, match_lut, volume_histogram
+
+            if histogram is None:
+                raise UserError("target.match_histogram needs one-channel uint8/uint16 training images")
+            selection["lut"] = match_lut(volume_histogram(cfg.target.image), Histogram.from_dict(histogram)).tolist()
     return {
         "normalization": {"scale": scale, "mean": list(mean), "std": list(std)},
         "voxel_size_xyz": list(voxel) if voxel else None,
         "in_chans": in_chans,
         "selection": selection,
+        "input_histogram": histogram,
+        "match_reference": None if reference is None else reference.to_dict(),
     }
+
+
+def match_stacks(stacks, reference: dict) -> None:
+    """Each stack's grey values matched (in place) to the reference histogram, from the stack's own histogram."""
+    from vemscale.io.histogram import Histogram, histogram_of, match_lut
+
+    ref = Histogram.from_dict(reference)
+    for st in stacks:
+        if st.image.shape[0] != 1:
+            raise UserError(f"data.match_histogram works on one-channel images; {st.name} has {st.image.shape[0]}")
+        if str(st.image.dtype) != ref.dtype:
+            raise UserError(f"data.match_histogram: the reference is {ref.dtype} but {st.name} is {st.image.dtype}")
+        st.image = match_lut(histogram_of(st.image), ref)[st.image]
 
 
 def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),

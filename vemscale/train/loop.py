@@ -114,6 +114,7 @@ def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> Checkpoin
         iteration=it,
         metrics=metrics,
         train_config=cfg["config"],
+        input_histogram=cfg.get("input_histogram"),
     )
 
 
@@ -147,12 +148,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["train"]]
     val_stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["val"]] if rank == 0 else []
+    if cfg.get("match_reference"):  # the same tables as the driver computed: each stack's own histogram
+        from vemscale.train.finetune import match_stacks
+
+        match_stacks(stacks + val_stacks, cfg["match_reference"])
     sel = cfg.get("selection")
     target = None
     if sel and rank == 0:
         from vemscale.train.select import load_target
 
-        target = load_target(cfg["target"])
+        image, labels = load_target(cfg["target"])
+        if sel.get("lut"):
+            image = np.asarray(sel["lut"], image.dtype)[image]
+        target = (image, labels)
 
     torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
     model = create_model(cfg["model"]["name"], in_chans=stacks[0].image.shape[0], num_classes=k, **cfg["model"]["kwargs"])

@@ -37,6 +37,7 @@ class TargetVolume(Strict):
     image: str
     slices: str | None = None  # "z0:z1"; all slices when omitted
     max_slices: int = Field(8, gt=0)  # evenly spaced slices of that range are predicted per interval
+    match_histogram: bool = False  # predict it matched to the training images' histogram (as infer would)
     labels: str | None = None
 
 
