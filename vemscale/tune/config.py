@@ -254,6 +254,14 @@ def resolve_paths(data: dict[str, Any], cwd: str) -> dict[str, Any]:
             ]
     if isinstance(data.get("init"), str):
         data["init"] = _local(data["init"], cwd)
+    match = (data.get("data") or {}).get("match_histogram")
+    if isinstance(match, str):
+        data["data"] = {**data["data"], "match_histogram": _local(match, cwd)}
+    target = data.get("target")
+    if isinstance(target, str):
+        data["target"] = _local(target, cwd)
+    elif isinstance(target, dict):
+        data["target"] = {**target, **{k: _local(target[k], cwd) for k in ("image", "labels") if isinstance(target.get(k), str)}}
     return data
 
 

@@ -72,3 +72,24 @@ def curves_plot(curves: dict[str, list[list[tuple[int, float]]]], path: Path, yl
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"path": str(path), "arms_drawn": lines}
+
+
+def heatmap(values: dict[str, Sequence[float | None]], columns: list[str], path: Path, title: str) -> dict[str, Any]:
+    """Rows (arms) x columns, each cell its value written in it; a missing value is a blank cell."""
+    plt = _plt()
+    rows = list(values)
+    grid = np.array([[np.nan if v is None else float(v) for v in values[r]] for r in rows], np.float64)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.3 * len(columns), 1.2 + 0.45 * len(rows)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"path": str(path), "cells": int(np.isfinite(grid).sum()), "rows": rows}

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vemscale.tune.config import SweepConfig
-from vemscale.tune.plots import box_plot, curves_plot
-from vemscale.tune.results import STATUS_ORDER, write_csv
+from vemscale.tune.plots import box_plot, curves_plot, heatmap
+from vemscale.tune.results import STATUS_ORDER, TARGET_KEYS, write_csv
 from vemscale.tune.stats import arm_stats, pairwise
 
 
@@ -39,6 +39,8 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], state: dict[str, Any
     keys = [f"final_{m}", f"best_{m}"]
     arms = list(sweep.arms)
     done = [r for r in rows if r["status"] == "DONE"]
+    if any(r.get("target_iou_selected") is not None for r in done):  # a cross-domain sweep: the target's IoU too
+        keys += list(TARGET_KEYS)
 
     stats: dict[str, dict[str, Any]] = {a: {"n_trials": 0, **{s.lower(): 0 for s in STATUS_ORDER}} for a in arms}
     for r in rows:
@@ -61,8 +63,16 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], state: dict[str, Any
     label = {"val_iou": "held-out IoU (foreground mean)", "best_val_iou": "best held-out IoU", "loss": "training loss"}.get(m, m)
     plots = {}
     for k in keys:
-        plots[f"box_{k}"] = box_plot(values[k], run_dir / f"box_{k}.png", ylabel=f"{k.split('_')[0]} {label}",
-                                     title=f"{k.split('_')[0]} {m} per arm (one dot per seed)")
+        target = k in TARGET_KEYS
+        plots[f"box_{k}"] = box_plot(values[k], run_dir / f"box_{k}.png",
+                                     ylabel=k if target else f"{k.split('_')[0]} {label}",
+                                     title=f"{k if target else k.split('_')[0] + ' ' + m} per arm (one dot per seed)")
+    selection = None
+    if TARGET_KEYS[0] in keys:
+        selection = _selection_summary(done, arms, stats)
+        plots["heatmap_target_iou"] = heatmap(
+            {a: [stats[a][k]["mean"] for k in TARGET_KEYS] for a in arms}, ["last", "selected", "oracle"],
+            run_dir / "heatmap_target_iou.png", title="target IoU (mean over seeds) per arm and checkpoint")
     curves = {a: [r["_history"] for r in rows if r["arm"] == a and r["status"] != "ERROR"] for a in arms}
     plots[f"curves_{m}"] = curves_plot(curves, run_dir / f"curves_{m}.png", ylabel=label,
                                        title=f"{m} vs iteration (mean, min-max over trials)")
@@ -83,6 +93,8 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], state: dict[str, Any
         "status": {s: sum(r["status"] == s for r in rows) for s in STATUS_ORDER},
         "arms": stats,
         "mann_whitney": tests,
+        "keys": keys,
+        "selection": selection,
         "best_trial": {k: v for k, v in best.items() if not k.startswith("_")} if best else None,
         "wall_s": round(wall_s, 1) if wall_s is not None else None,
         "failed": len(failed),
@@ -92,9 +104,20 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], state: dict[str, Any
     return report
 
 
+def _selection_summary(done: list[dict[str, Any]], arms: list[str], stats: dict[str, Any]) -> dict[str, Any]:
+    """Per arm: how often the selected checkpoint scores above the last one on the target, and equals the oracle."""
+    out = {}
+    for a in arms:
+        rs = [r for r in done if r["arm"] == a and r.get("target_iou_selected") is not None]
+        out[a] = {"n": len(rs),
+                  "selected_beats_last": sum(r["target_iou_selected"] > r["target_iou_last"] for r in rs),
+                  "selected_is_oracle": sum(r["target_iou_selected"] >= r["target_iou_oracle"] for r in rs)}
+    return out
+
+
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], sweep: SweepConfig, state: dict[str, Any]) -> str:
     m = report["metric"]
-    keys = [f"final_{m}", f"best_{m}"]
+    keys = report["keys"]
     arms = list(sweep.arms)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Sweep report: {Path(report['run_dir']).name}", ""]
@@ -122,6 +145,13 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], sweep: SweepCo
         cells += ["–" if lo is None else f"{lo:.4f}–{hi:.4f}", s["error"], s["unfinished"]]
         body.append(cells)
     lines += [_md_table(header, body), ""]
+    if report.get("selection"):
+        lines += ["## Checkpoint selection on the target", "",
+                  "target_iou_last: the last checkpoint; _selected: the one `select` chose without target labels; "
+                  "_oracle: the best on the target labels (for evaluation only).", ""]
+        lines += [_md_table(["arm", "n", "selected > last", "selected = oracle"],
+                            [[a, s["n"], s["selected_beats_last"], s["selected_is_oracle"]]
+                             for a, s in report["selection"].items()]), ""]
     if len(arms) > 1:
         lines += ["## Mann-Whitney U (two-sided) between arms", ""]
         tbody = []

@@ -16,6 +16,18 @@ from vemscale.train.metrics_log import read_metrics, write_metrics
 from vemscale.tune.config import SweepConfig, compose, trial_name
 from vemscale.tune.trainable import read_attempts
 
+# with a target (select=..., target=...), a trial's selection.json adds the target IoU of three checkpoints
+TARGET_KEYS = ("target_iou_last", "target_iou_selected", "target_iou_oracle")
+
+
+def target_columns(run_dir: Path) -> dict[str, Any]:
+    """The last, the selected and the best (oracle) checkpoint's target IoU; None without target labels."""
+    from vemscale.train.select import read_record
+
+    rec = read_record(run_dir)
+    return {"target_iou_last": rec.get("last_target_iou"), "target_iou_selected": rec.get("chosen_target_iou"),
+            "target_iou_oracle": rec.get("oracle_target_iou"), "selected_iteration": rec.get("chosen_iteration")}
+
 # Tune's statuses -> ours: DONE (ran every iteration), STOPPED (the scheduler stopped it early), ERROR (it
 # raised; the error column says why), UNFINISHED (never started or interrupted; `--resume` continues it)
 STATUS_ORDER = ["DONE", "STOPPED", "ERROR", "UNFINISHED"]
@@ -92,6 +104,7 @@ def collect(grid, state: dict[str, Any]) -> list[dict[str, Any]]:
             "seconds": round(_seconds(run_dir, attempts), 1),
             "attempts": sum(1 for e in attempts if e.get("event") == "start"),
             "error": _error_line(result.error) if status == "ERROR" else "",
+            **target_columns(run_dir),
             "run_dir": str(run_dir),
             "_history": hist,
         })
