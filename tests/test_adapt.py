@@ -29,42 +29,60 @@ def _run(args) -> subprocess.CompletedProcess:
     return subprocess.run(VEMSCALE + args, capture_output=True, text=True, cwd=ROOT, env=env)
 
 
-def _reference_stats(stack: np.ndarray, min_size: int = 10) -> tuple[int, float, int]:
-    """Objects, mean solidity and object pixels of a binary stack by scikit-image, slice by slice."""
-    sol, area = [], 0
-    for plane in stack:
-        for p in regionprops(label(plane, connectivity=2)):
+def _reference_stats(stack: np.ndarray, min_size: int = 10, objects: str = "stack") -> tuple[int, float, float]:
+    """Regions, mean solidity and mean area ratio of a binary stack by scikit-image, as the reference code
+    (EM_domain_adaptation `morphology_analysis`) measures them: `label` of the whole stack (3D), then
+    `regionprops` of each slice; "slice": `label` of each slice."""
+    labels = label(stack) if objects == "stack" else np.stack([label(p, connectivity=2) for p in stack])
+    sol, ratio = [], []
+    for plane in labels:
+        for p in regionprops(plane):
             if p.area > min_size:
                 sol.append(p.solidity)
-                area += int(p.area)
-    return len(sol), float(np.mean(sol)) if sol else 0.0, area
+                ratio.append(p.area / plane.size)
+    return len(sol), float(np.mean(sol)) if sol else 0.0, float(np.mean(ratio)) if ratio else 0.0
 
 
 # --- the statistic ---------------------------------------------------------------------------------------------
 
 
-def test_solidity_equals_regionprops_on_crafted_slices():
+@pytest.mark.parametrize("objects", ["stack", "slice"])
+def test_solidity_equals_regionprops_on_crafted_slices(objects):
     rng = np.random.default_rng(3)
-    crafted = np.zeros((4, 96, 96), bool)
+    crafted = np.zeros((5, 96, 96), bool)
     crafted[0, 5:30, 5:30] = True  # a square: solidity 1
     crafted[0, 40:70, 40:45] = True  # an L
     crafted[0, 65:70, 40:75] = True
+    crafted[0, 80:90, 5:15] = crafted[0, 80:90, 25:35] = True  # two squares, joined in 3D by the bar below:
+    crafted[1, 84:86, 5:35] = True  # one region of slice 0 with stack objects (as the reference counts it)
     yy, xx = np.mgrid[:96, :96]
     r = np.hypot(yy - 30, xx - 60)
-    crafted[1] = (r > 10) & (r < 16)  # a ring: solidity far below 1
-    crafted[1, 80, 5:90] = True  # a one-pixel line (its hull is a thin diamond strip)
-    crafted[1, 2, 2] = True  # a single pixel: <= 10 px, ignored
-    crafted[1, 90:93, 90:93] = True  # 9 px: ignored; 10 px would be too
-    crafted[2] = gaussian_filter(rng.random((96, 96)), 2.5) > 0.53  # many irregular blobs, some touching diagonally
-    crafted[3] = np.eye(96, dtype=bool) | np.eye(96, dtype=bool)[::-1]  # diagonal cross: one 8-connected object
-    ours = shape_stats(crafted)
-    n, mean_sol, area = _reference_stats(crafted)
-    assert ours.objects == n and n > 20
+    crafted[2] = (r > 10) & (r < 16)  # a ring: solidity far below 1
+    crafted[2, 80, 5:90] = True  # a one-pixel line (its hull is a thin diamond strip)
+    crafted[2, 2, 2] = True  # a single pixel: <= 10 px, ignored
+    crafted[2, 90:93, 90:93] = True  # 9 px: ignored
+    crafted[3] = gaussian_filter(rng.random((96, 96)), 2.5) > 0.53  # many irregular blobs, some touching diagonally
+    crafted[4] = np.eye(96, dtype=bool) | np.eye(96, dtype=bool)[::-1]  # diagonal cross: one 8-connected object
+    ours = shape_stats(crafted, objects=objects)
+    n, mean_sol, mean_ratio = _reference_stats(crafted, objects=objects)
+    assert ours.objects == n and n > 12
     assert ours.mean_solidity == pytest.approx(mean_sol, abs=1e-12)
-    assert ours.foreground == area and ours.foreground_ratio == pytest.approx(area / crafted.size)
-    real = tifffile.imread(data_path(*VNC, "labels_mitochondria.tif"), key=range(2)).astype(bool)
-    n, mean_sol, _ = _reference_stats(real)
-    assert shape_stats(real).objects == n and shape_stats(real).mean_solidity == pytest.approx(mean_sol, abs=1e-12)
+    assert ours.mean_area_ratio == pytest.approx(mean_ratio, abs=1e-12)
+    real = tifffile.imread(data_path(*VNC, "labels_mitochondria.tif"), key=range(3)).astype(bool)
+    n, mean_sol, mean_ratio = _reference_stats(real, objects=objects)
+    got = shape_stats(real, objects=objects)
+    assert got.objects == n and got.mean_solidity == pytest.approx(mean_sol, abs=1e-12)
+    assert got.mean_area_ratio == pytest.approx(mean_ratio, abs=1e-12)
+
+
+def test_stack_and_slice_objects_differ_where_a_3d_object_splits_in_a_slice():
+    two = np.zeros((2, 40, 40), bool)
+    two[0, 5:15, 5:15] = two[0, 5:15, 25:35] = True
+    two[1, 9:11, 5:35] = True
+    assert shape_stats(two[:1], objects="stack").objects == 2  # alone, slice 0 holds two squares
+    assert shape_stats(two, objects="stack").objects == 2  # bar + (both squares as one region)
+    assert shape_stats(two, objects="slice").objects == 3
+    assert shape_stats(two, objects="stack").mean_solidity < shape_stats(two, objects="slice").mean_solidity
 
 
 # --- selection --------------------------------------------------------------------------------------------------
@@ -112,7 +130,7 @@ def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path
               f"target={{image: {tmp_path / 'tgt.tif'}, labels: {tmp_path / 'tgt_lab.tif'}}}"])
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((run / "selection.json").read_text())
-    _, prior, _ = _reference_stats(lab.astype(bool))
+    _, prior, _ = _reference_stats(lab.astype(bool))  # 4 contiguous slices, objects of the stack
     assert record["prior"] == pytest.approx(prior, abs=1e-12)
     dists = {r["iteration"]: r["select_distance"] for r in record["intervals"]}
     assert sorted(dists) == [5, 10, 15]
@@ -175,6 +193,27 @@ def test_matching_equals_scikit_image_and_brings_quantiles_within_one_grey_level
     assert 0 < sampled.counts.sum() < exact.counts.sum() and sampled.dtype == "uint16"
     assert np.abs(sampled.quantiles(q).astype(float) - exact.quantiles(q)).max() <= 257
     assert Histogram.from_dict(json.loads(json.dumps(exact.to_dict()))).counts.sum() == big.size
+
+
+def test_training_crops_are_matched_to_the_reference_with_probability_p():
+    from vemscale.train.data import CropSampler, load_labelled
+
+    st = load_labelled(str(data_path(*VNC, "image.tif")), str(data_path(*VNC, "labels_mitochondria.tif")), "0:2", 2)
+    tgt = tifffile.imread(data_path("cdeep3m_sbem_mito", "val", "image.tif"), key=range(2))
+    ref = histogram_of(tgt)
+    plain = CropSampler([st], 128, [0], seed=5).sample(64)[0]
+    none = CropSampler([st], 128, [0], seed=5, match=ref.to_dict(), match_p=0.0)
+    always = CropSampler([st], 128, [0], seed=5, match=ref.to_dict(), match_p=1.0)
+    half = CropSampler([st], 128, [0], seed=5, match=ref.to_dict(), match_p=0.5)
+    q = np.linspace(0.05, 0.95, 19)
+    ref_q = ref.quantiles(q).astype(float)
+    # p=0 draws an extra number per crop, so its crops differ from `plain`'s positions: compare distributions only
+    assert np.abs(np.quantile(none.sample(64)[0], q) - np.quantile(plain, q)).max() < 15
+    crops = always.sample(64)[0]
+    assert all(np.abs(np.quantile(c, q) - ref_q).max() <= 3 for c in crops)  # each crop on the target's histogram
+    assert np.abs(np.quantile(plain[0], q) - ref_q).max() > 20  # which the source's crops are far from
+    matched = sum(np.abs(np.quantile(c, q) - ref_q).max() <= 3 for c in half.sample(200)[0])
+    assert 70 <= matched <= 130  # binomial(200, 0.5): outside [70, 130] has probability < 1e-4
 
 
 def test_infer_match_histogram_equals_whole_volume_match_then_sliding_window(tmp_path, ray_local):

@@ -108,10 +108,15 @@ def plane_axes(planes: str, voxel_size_xyz) -> list[int]:
 class CropSampler:
     """Random 2D crops (image (C,T,T) raw, labels (T,T)) from labelled stacks, along the chosen plane axes."""
 
-    def __init__(self, stacks: list[LabelledStack], crop: int, axes: list[int], seed: int):
+    def __init__(self, stacks: list[LabelledStack], crop: int, axes: list[int], seed: int,
+                 match: dict | None = None, match_p: float = 0.0):
         if not stacks:
             raise UserError("the training set is empty: give at least one labelled volume under data.train")
         self.stacks, self.crop, self.axes = stacks, crop, axes
+        from vemscale.io.histogram import Histogram
+
+        # histogram matching as an augmentation: a crop is matched to `match` with probability match_p
+        self.match, self.match_p = (Histogram.from_dict(match) if match else None), float(match_p)
         sizes = np.array([st.labels.size for st in stacks], np.float64)
         self.p = sizes / sizes.sum()
         self.rng = np.random.default_rng(seed)
@@ -141,4 +146,8 @@ class CropSampler:
             x = int(self.rng.integers(w - t + 1))
             imgs[b] = img[:, y : y + t, x : x + t]
             labs[b] = lab[y : y + t, x : x + t]
+            if self.match is not None and self.rng.random() < self.match_p:
+                from vemscale.io.histogram import histogram_of, match_lut
+
+                imgs[b] = match_lut(histogram_of(imgs[b]), self.match)[imgs[b]]
         return imgs, labs

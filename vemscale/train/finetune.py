@@ -39,9 +39,12 @@ class DataConfig(Strict):
     planes: Literal["xy", "all", "auto"] = "xy"  # all = xy+xz+yz crops (isotropic data)
     voxel_size_xyz: tuple[float, float, float] | None = None  # nm; read from the image when omitted
     mean: list[float] | None = None  # input normalisation after scaling to [0,1]; measured on train when omitted
-    # every train/val image's histogram matched to this reference (a volume URL or a histogram .json), e.g. the
-    # target volume, so the model learns on target-like grey values (vemscale.io.histogram); None = raw values
+    # training crops matched to this reference histogram (a volume URL or a histogram .json), e.g. the target
+    # volume's, so the model also learns on target-like grey values (vemscale.io.histogram); None = raw values.
+    # EM_domain_adaptation (Att_YNet_functions.histogram_matching): each source patch is matched to the target
+    # domain's histogram with probability 0.5
     match_histogram: str | None = None
+    match_histogram_p: float = Field(0.5, ge=0, le=1)
     std: list[float] | None = None
 
     @field_validator("classes")
@@ -197,7 +200,10 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
         from vemscale.io.histogram import reference_histogram
 
         reference = reference_histogram(cfg.data.match_histogram)
-        match_stacks(stacks + val, reference.to_dict())
+        for st in stacks:
+            if st.image.shape[0] != 1 or str(st.image.dtype) != reference.dtype:
+                raise UserError(f"data.match_histogram: the reference is one-channel {reference.dtype}, but {st.name} "
+                                f"is {st.image.shape[0]}-channel {st.image.dtype}; match images of the same kind")
     chans = {st.image.shape[0] for st in stacks + val}
     if len(chans) != 1:
         raise UserError(f"all volumes must have the same number of channels, found {sorted(chans)}")
@@ -229,9 +235,10 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
         method = "morphology" if cfg.select == "last" else cfg.select  # last: recorded, never copied
         prior = cfg.selection.prior
         if prior is None:
-            prior = sel.source_prior(stacks, cls, method, cfg.selection.min_size)
+            prior = sel.source_prior(stacks, cls, method, cfg.selection.min_size, cfg.selection.objects)
         selection = {"method": method, "choose": cfg.select != "last", "prior": float(prior), "class": cls,
-                     "threshold": cfg.selection.threshold, "min_size": cfg.selection.min_size, "lut": None}
+                     "threshold": cfg.selection.threshold, "min_size": cfg.selection.min_size,
+                     "objects": cfg.selection.objects, "lut": None}
         if cfg.target.match_histogram:  # the target seen as infer match_histogram=checkpoint will see it
             from vemscale.io.histogram import Histogram, match_lut, volume_histogram
 
@@ -247,18 +254,6 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
         "match_reference": None if reference is None else reference.to_dict(),
     }
 
-
-def match_stacks(stacks, reference: dict) -> None:
-    """Each stack's grey values matched (in place) to the reference histogram, from the stack's own histogram."""
-    from vemscale.io.histogram import Histogram, histogram_of, match_lut
-
-    ref = Histogram.from_dict(reference)
-    for st in stacks:
-        if st.image.shape[0] != 1:
-            raise UserError(f"data.match_histogram works on one-channel images; {st.name} has {st.image.shape[0]}")
-        if str(st.image.dtype) != ref.dtype:
-            raise UserError(f"data.match_histogram: the reference is {ref.dtype} but {st.name} is {st.image.dtype}")
-        st.image = match_lut(histogram_of(st.image), ref)[st.image]
 
 
 def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),

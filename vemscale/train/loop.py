@@ -98,7 +98,7 @@ def score_target(model, image: np.ndarray, labels: np.ndarray | None, sel: dict,
     net.train(was_training)
     cls = sel["class"]
     return target_metrics(probs[cls], None if labels is None else labels == cls, sel["method"], sel["prior"],
-                          sel["threshold"], sel["min_size"])
+                          sel["threshold"], sel["min_size"], sel.get("objects", "stack"))
 
 
 def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> CheckpointMeta:
@@ -148,10 +148,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["train"]]
     val_stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["val"]] if rank == 0 else []
-    if cfg.get("match_reference"):  # the same tables as the driver computed: each stack's own histogram
-        from vemscale.train.finetune import match_stacks
-
-        match_stacks(stacks + val_stacks, cfg["match_reference"])
     sel = cfg.get("selection")
     target = None
     if sel and rank == 0:
@@ -189,7 +185,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     axes = plane_axes(dcfg["planes"], cfg.get("voxel_size_xyz"))
     # seeds depend on (seed, rank, start) so a run, and a resumed run, are repeatable
     run_seed = (tcfg["seed"] * 1_000_003 + rank * 10_007 + start) % 2**31
-    sampler = CropSampler(stacks, tcfg["crop"], axes, seed=run_seed)
+    match = cfg.get("match_reference")
+    sampler = CropSampler(stacks, tcfg["crop"], axes, seed=run_seed, match=match,
+                          match_p=dcfg.get("match_histogram_p", 0.5) if match else 0.0)
     step = SegmentationStep(model, optimizer, normalizer, AugmentConfig(**cfg["augment"]), tcfg["loss"], device, seed=run_seed + 1)
     local_batch = tcfg["batch_size"] // world
     total = tcfg["iterations"]

@@ -1,10 +1,11 @@
 """Choosing a fine-tuning checkpoint without target labels (`select=morphology`): the checkpoint whose objects,
 predicted on the unlabeled target volume, have the source labels' shape statistics.
 
-From Franco-Barranco et al. 2022 (reference code danifranco/EM_domain_adaptation): the prior is the mean solidity
-of the 2D objects of the source training labels (`vemscale.post.shape2d`); every validation interval the model
-predicts a sample of target slices, thresholds the class probability at 0.5, and the checkpoint with the smallest
-|target statistic - prior| is kept (`area_ratio`: the foreground fraction instead). Where target labels exist,
+From Franco-Barranco et al. 2022 (reference code danifranco/EM_domain_adaptation, Attention_Y-Net `CustomSaver`):
+the prior is the mean solidity of the objects of the source labels, measured slice by slice
+(`vemscale.post.shape2d`); every validation interval the model predicts a contiguous run of target slices,
+thresholds the class probability at 0.5, measures the same, and the checkpoint with the smallest
+|target statistic - prior| is kept (`area_ratio`: the mean object area over the slice area instead). Where target labels exist,
 they are scored for evaluation only (the oracle and the last checkpoint beside the chosen one); they never choose.
 
 The worker computes the statistics (`target_metrics`); the driver keeps the chosen checkpoint in
@@ -36,7 +37,7 @@ class TargetVolume(Strict):
 
     image: str
     slices: str | None = None  # "z0:z1"; all slices when omitted
-    max_slices: int = Field(8, gt=0)  # evenly spaced slices of that range are predicted per interval
+    max_slices: int = Field(8, gt=0)  # the central run of this many slices of that range is predicted per interval
     match_histogram: bool = False  # predict it matched to the training images' histogram (as infer would)
     labels: str | None = None
 
@@ -45,6 +46,9 @@ class SelectionConfig(Strict):
     class_name: str | None = None  # the class whose objects are measured; default: the first non-background class
     threshold: float = Field(0.5, gt=0, lt=1)  # EM_domain_adaptation binarises predictions at 0.5
     min_size: int = Field(MIN_SIZE, ge=0)  # objects of <= min_size pixels are ignored
+    # stack: the reference's objects (3D components of the stack, 26-connected, measured in each slice);
+    # slice: each slice's own 8-connected components
+    objects: Literal["stack", "slice"] = "stack"
     prior: float | None = None  # the source statistic; measured on data.train labels when omitted
 
 
@@ -54,7 +58,7 @@ def coerce_target(v: Any) -> Any:
 
 
 def statistic(stats: ShapeStats, method: str) -> float:
-    return stats.mean_solidity if method == "morphology" else stats.foreground_ratio
+    return stats.mean_solidity if method == "morphology" else stats.mean_area_ratio
 
 
 def class_index(classes: list[str], name: str | None) -> int:
@@ -65,11 +69,11 @@ def class_index(classes: list[str], name: str | None) -> int:
     return classes.index(name)
 
 
-def source_prior(stacks, cls: int, method: str, min_size: int) -> float:
+def source_prior(stacks, cls: int, method: str, min_size: int, objects: str = "stack") -> float:
     """The statistic of the source training labels (class `cls`), slice by slice over every labelled stack."""
     total = ShapeStats()
     for st in stacks:
-        total = total + shape_stats(st.labels == cls, min_size)
+        total = total + shape_stats(st.labels == cls, min_size, objects)
     if method == "morphology" and total.objects == 0:
         raise UserError(f"the training labels hold no objects of class {cls} larger than {min_size} pixels: "
                         "no morphology prior can be measured; set selection.prior or select=area_ratio")
@@ -77,10 +81,12 @@ def source_prior(stacks, cls: int, method: str, min_size: int) -> float:
 
 
 def sample_slices(n: int, max_slices: int) -> np.ndarray:
-    """`max_slices` evenly spaced indexes of range(n) (all of them when there are fewer)."""
+    """The central run of `max_slices` indexes of range(n) (all of them when there are fewer): contiguous, so
+    objects can be followed from slice to slice as in the source labels."""
     if n <= max_slices:
         return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, max_slices).round().astype(int))
+    start = (n - max_slices) // 2
+    return np.arange(start, start + max_slices)
 
 
 def load_target(t: dict, in_chans: int | None = None):
@@ -112,13 +118,14 @@ def load_target(t: dict, in_chans: int | None = None):
 
 
 def target_metrics(probs_of_class: np.ndarray, labels_of_class: np.ndarray | None, method: str, prior: float,
-                   threshold: float, min_size: int) -> dict[str, float]:
+                   threshold: float, min_size: int, objects: str = "stack") -> dict[str, float]:
     """What one validation interval records: the target statistics, the distance to the prior and, with labels,
     the target IoU of the thresholded prediction."""
     pred = probs_of_class >= threshold
-    stats = shape_stats(pred, min_size)
+    stats = shape_stats(pred, min_size, objects)
     out = {
         "target_solidity": stats.mean_solidity,
+        "target_area_ratio": stats.mean_area_ratio,
         "target_foreground_ratio": stats.foreground_ratio,
         "target_objects": float(stats.objects),
         "select_distance": abs(statistic(stats, method) - prior),
@@ -162,7 +169,8 @@ def selection_keeper(run_dir: Path, method: str, prior: float, copy: bool = True
     drops the intervals after the checkpoint it restarts from, as metrics.csv does."""
     from ray.train import UserCallback
 
-    keys = ("iteration", "select_distance", "target_solidity", "target_foreground_ratio", "target_objects", "target_iou")
+    keys = ("iteration", "select_distance", "target_solidity", "target_area_ratio", "target_foreground_ratio",
+            "target_objects", "target_iou")
 
     class SelectionKeeper(UserCallback):
         def __init__(self) -> None:
