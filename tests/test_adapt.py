@@ -125,7 +125,7 @@ def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path
         tifffile.imwrite(tmp_path / f"{name}.tif", np.ascontiguousarray(a), photometric="minisblack")
     run = tmp_path / "run"
     r = _run(["finetune", f"run_dir={run}", f"data.train=[{{image: {tmp_path / 'img.tif'}, labels: {tmp_path / 'lab.tif'}}}]",
-              "data.classes=[background,mito]", "train.iterations=15", "train.val_every=5", "train.batch_size=2",
+              "data.classes=[background,mito]", "train.iterations=15", "train.val_every=5", "train.log_every=4", "train.batch_size=2",
               "train.crop=128", "train.lr=0.003", "tiles.tile=128", "tiles.margin=16", "select=morphology",
               f"target={{image: {tmp_path / 'tgt.tif'}, labels: {tmp_path / 'tgt_lab.tif'}}}"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -135,6 +135,10 @@ def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path
     dists = {r["iteration"]: r["select_distance"] for r in record["intervals"]}
     assert sorted(dists) == [5, 10, 15]
     assert record["chosen_iteration"] == min(dists, key=lambda i: (dists[i], i))
+    from vemscale.train.metrics_log import read_metrics
+
+    logged = {int(float(r["iteration"])): r for r in read_metrics(run / "metrics.csv")}  # every interval kept its row
+    assert all(float(logged[i]["select_distance"]) == pytest.approx(dists[i]) for i in dists)
     assert "selection: iteration" in r.stdout and str(run / "selected") in r.stdout
     out = tmp_path / "pred"
     r = _run(["infer", f"input={tmp_path / 'tgt.tif'}", f"output={out}", f"checkpoint={run / 'selected'}",
@@ -245,3 +249,72 @@ def test_infer_match_histogram_equals_whole_volume_match_then_sliding_window(tmp
             assert np.array_equal(got, raw)
     # the shift changes 11% of the labels the original grey values give; matched, under 2% differ (measured 0.889, 0.984)
     assert matched_agreement > 0.97 and matched_agreement - (raw == orig).mean() > 0.05
+
+
+# --- multitask (Y-Net) ------------------------------------------------------------------------------------------
+
+
+def _ynet_step(seed: int = 0):
+    import torch
+
+    from vemscale.infer.tiling import Normalizer
+    from vemscale.models import create_model
+    from vemscale.models.ynet import YNet
+    from vemscale.train.augment import AugmentConfig
+    from vemscale.train.multitask import MultitaskStep
+
+    torch.manual_seed(seed)
+    model = YNet(create_model("tiny", in_chans=1, num_classes=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    still = AugmentConfig(flips=False, rot90=False, brightness=0, contrast=0)
+    return model, MultitaskStep(model, opt, Normalizer(), still, "ce", "cpu", seed=0)
+
+
+def _batches():
+    img = tifffile.imread(data_path(*VNC, "image.tif"), key=range(2))[:, None, :64, :64]
+    lab = tifffile.imread(data_path(*VNC, "labels_mitochondria.tif"), key=range(2))[:, :64, :64].astype(np.int64)
+    tgt = tifffile.imread(data_path("cdeep3m_sbem_mito", "val", "image.tif"), key=range(2))[:, None, :64, :64]
+    return np.ascontiguousarray(img), np.ascontiguousarray(lab), np.ascontiguousarray(tgt)
+
+
+def test_multitask_step_updates_the_encoder_from_both_losses():
+    from vemscale.train.multitask import Phase
+
+    img, lab, tgt = _batches()
+    grads = {}
+    for name, a, b in (("rec", 1.0, 0.0), ("seg", 0.0, 1.0), ("both", 0.3, 0.7)):
+        model, step = _ynet_step()
+        out = step(img, lab, tgt, 0.0, Phase(name, 1.0, a, b, True, False))  # lr 0: gradients kept, nothing moves
+        assert out["loss"] == pytest.approx(a * out["loss_rec"] + b * out["loss_seg"])
+        grads[name] = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.net.named_parameters()
+                       if n.startswith("cnn.")}
+    for n in grads["both"]:  # the encoder's gradient is the weighted sum of the two losses' gradients
+        assert grads["rec"][n] is not None and grads["seg"][n] is not None
+        assert torch_allclose(grads["both"][n], 0.3 * grads["rec"][n] + 0.7 * grads["seg"][n])
+    norm = lambda g: float(sum((v.double() ** 2).sum() for v in g.values()) ** 0.5)  # noqa: E731
+    assert norm(grads["rec"]) > 1e-6 and norm(grads["seg"]) > 1e-6
+
+
+def test_multitask_phases_train_only_what_they_name():
+    import torch
+
+    from vemscale.train.multitask import YNET_PHASES, phase_at
+
+    img, lab, tgt = _batches()
+    total = 190
+    assert [phase_at({"schedule": "ynet"}, i, total).name for i in (0, 49, 50, 89, 90, 189)] == \
+        ["joint", "joint", "reconstruction", "reconstruction", "segmentation", "segmentation"]
+    for phase, moved in zip(YNET_PHASES, ({"cnn", "seg", "rec"}, {"cnn", "rec"}, {"seg"})):
+        model, step = _ynet_step()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        step(img, lab, tgt, 0.05, phase)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+        parts = {"cnn": {n for n in before if n.startswith("net.cnn.")},
+                 "seg": {n for n in before if n.startswith(("net.decoder.", "net.head."))},
+                 "rec": {n for n in before if n.startswith("reconstruction.")}}
+        assert {k for k, names in parts.items() if names & changed} == moved, phase.name
+
+
+def torch_allclose(a, b) -> bool:
+    """Equal up to float32 summation order (relative to the tensor's largest entry)."""
+    return bool((a - b).abs().max() <= 1e-4 * max(1e-8, float(b.abs().max())))

@@ -38,6 +38,14 @@ class SegmentationModel(nn.Module):
 
         return parameter_groups(self)
 
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder's deepest map (``encode_channels`` channels) and the decoder's skips, deepest first."""
+        raise NotImplementedError(f"{type(self).__name__} has no encoder-decoder split")
+
+    def decode(self, deep: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Logits from :meth:`features`' output; ``forward(x) == decode(*features(x))``."""
+        return self.head(self.decoder(deep, skips))
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless x is (B, in_chans, H, W) with H and W multiples of ``input_multiple``."""
         if x.ndim != 4:

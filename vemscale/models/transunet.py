@@ -187,11 +187,15 @@ class TransUNet(SegmentationModel):
         feat, _ = self._cnn_features(x)
         return self._tokens_to_map(feat)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> logits (B, num_classes, H, W)."""
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The transformer's map (B, embed_dim, H/16, W/16) and the CNN skips (1/8, 1/4, 1/2)."""
         self.check_input(x)
         feat, skips = self._cnn_features(x)
-        return self.head(self.decoder(self._tokens_to_map(feat), skips))
+        return self._tokens_to_map(feat), skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes, H, W)."""
+        return self.decode(*self.features(x))
 
 
 # Named sizes. Each is the keyword arguments of TransUNet on top of its defaults.

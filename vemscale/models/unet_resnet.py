@@ -60,11 +60,15 @@ class UNetResNet(SegmentationModel):
         self.check_input(x)
         return self.cnn(x)[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> logits (B, num_classes, H, W)."""
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The 1/32 map and the skips (1/16 .. 1/2)."""
         self.check_input(x)
         feats = self.cnn(x)
-        return self.head(self.decoder(feats[-1], feats[-2::-1]))
+        return feats[-1], feats[-2::-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes, H, W)."""
+        return self.decode(*self.features(x))
 
 
 UNET_RESNET_SIZES: dict[str, dict] = {

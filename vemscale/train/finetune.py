@@ -19,6 +19,7 @@ from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.augment import AugmentConfig
 from vemscale.train.metrics_log import metrics_logger, read_metrics
+from vemscale.train.multitask import MultitaskConfig
 from vemscale.train.select import SelectionConfig, TargetVolume, coerce_target
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,13 @@ class FinetuneConfig(StageConfig):
     select: Literal["last", "morphology", "area_ratio"] = "last"
     target: TargetVolume | None = None  # the unlabeled target volume the selection predicts on
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    # a Y-Net fine-tune: reconstruction of unlabeled target crops through the same encoder (vemscale.train.multitask)
+    multitask: MultitaskConfig | None = None
+
+    @field_validator("multitask", mode="before")
+    @classmethod
+    def _multitask(cls, v: Any) -> Any:
+        return {"target": v} if isinstance(v, str) else v
 
     @field_validator("target", mode="before")
     @classmethod
@@ -218,6 +226,20 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     mean, std = (cfg.data.mean, cfg.data.std) if cfg.data.mean and cfg.data.std else channel_stats(stacks, scale)
     voxel = cfg.data.voxel_size_xyz or stacks[0].voxel_size_xyz
     in_chans = next(iter(chans))
+    if cfg.multitask is not None:  # the target and the model's encoder-decoder split, before any worker starts
+        from vemscale.models import create_model as _create
+        from vemscale.models.ynet import YNet
+        from vemscale.train import select as sel
+
+        mt_image, _ = sel.load_target({"image": cfg.multitask.target, "slices": cfg.multitask.slices,
+                                        "max_slices": 1}, in_chans)
+        if mt_image.dtype != stacks[0].image.dtype:
+            raise UserError(f"multitask.target {cfg.multitask.target!r} is {mt_image.dtype} but the training images "
+                            f"are {stacks[0].image.dtype}; convert it so the same normalisation applies")
+        try:
+            YNet(_create(cfg.model.name, in_chans=in_chans, num_classes=k, **cfg.model.kwargs))
+        except ValueError as err:
+            raise UserError(f"multitask: {err}") from None
     histogram = None
     if in_chans == 1 and stacks[0].image.dtype.kind == "u" and stacks[0].image.dtype.itemsize <= 2:
         from vemscale.io.histogram import histogram_of
@@ -289,6 +311,8 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
             src["image"], src["labels"] = absolute_url(src["image"]), absolute_url(src["labels"])
     if worker_cfg.get("init"):
         worker_cfg["init"] = absolute_url(worker_cfg["init"])
+    if worker_cfg.get("multitask"):
+        worker_cfg["multitask"]["target"] = absolute_url(worker_cfg["multitask"]["target"])
     if worker_cfg.get("target"):
         for key in ("image", "labels"):
             if worker_cfg["target"].get(key):

@@ -165,20 +165,29 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         from vemscale.train.transfer import apply_init
 
         apply_init(model, cfg["init"], cfg.get("transfer", "all"), cfg.get("freeze", "none"))
+    mt = cfg.get("multitask")
+    if mt:  # a Y-Net: the segmentation model plus a reconstruction decoder on its encoder
+        from vemscale.models.ynet import YNet
+
+        model = YNet(model)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg)
+    seg_net = model.module if hasattr(model, "module") else model  # what validation scores and checkpoints hold
+    seg_net = seg_net.net if mt else seg_net
 
     start = 0
     checkpoint = resume_checkpoint(cfg.get("resume_dir"))
     if checkpoint:
         with checkpoint.as_directory() as d:
-            net = model.module if hasattr(model, "module") else model
-            net.load_state_dict(torch.load(f"{d}/{WEIGHTS_FILE}", map_location=device, weights_only=True))
+            seg_net.load_state_dict(torch.load(f"{d}/{WEIGHTS_FILE}", map_location=device, weights_only=True))
             state = load_train_state(d)
             if state:
                 optimizer.load_state_dict(state["optimizer"])
                 start = int(state["iteration"])
+                if mt:
+                    (model.module if hasattr(model, "module") else model).reconstruction.load_state_dict(
+                        state["reconstruction"])
 
     normalizer = Normalizer(**cfg["normalization"])
     grid = TileGrid(cfg["tiles"]["tile"], cfg["tiles"]["margin"])
@@ -188,10 +197,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     match = cfg.get("match_reference")
     sampler = CropSampler(stacks, tcfg["crop"], axes, seed=run_seed, match=match,
                           match_p=dcfg.get("match_histogram_p", 0.5) if match else 0.0)
-    step = SegmentationStep(model, optimizer, normalizer, AugmentConfig(**cfg["augment"]), tcfg["loss"], device, seed=run_seed + 1)
     local_batch = tcfg["batch_size"] // world
     total = tcfg["iterations"]
+    if mt:
+        from vemscale.train.data import LabelledStack
+        from vemscale.train.multitask import MultitaskStep, phase_at
+        from vemscale.train.select import load_target
+
+        timage, _ = load_target({"image": mt["target"], "slices": mt.get("slices"), "max_slices": mt["max_slices"]})
+        tstack = LabelledStack(timage, np.zeros(timage.shape[1:], np.uint8), mt["target"], None)
+        target_sampler = CropSampler([tstack], tcfg["crop"], [0], seed=run_seed + 2)
+        step = MultitaskStep(model, optimizer, normalizer, AugmentConfig(**cfg["augment"]), tcfg["loss"], device,
+                             seed=run_seed + 1)
+    else:
+        step = SegmentationStep(model, optimizer, normalizer, AugmentConfig(**cfg["augment"]), tcfg["loss"], device,
+                                seed=run_seed + 1)
     losses: list[float] = []
+    parts: dict[str, list[float]] = {"loss_seg": [], "loss_rec": []}
     step_time, step_images = 0.0, 0
     best = float("-inf")
     loop_t0, loop_images = time.perf_counter(), 0
@@ -199,7 +221,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         imgs, labs = sampler.sample(local_batch)
         lr = poly_lr(tcfg["lr"], it, total, tcfg["poly_power"], tcfg["warmup"])
-        losses.append(step(imgs, labs, lr))
+        if mt:
+            phase = phase_at(mt, it, total)
+            out = step(imgs, labs, target_sampler.sample(local_batch)[0], lr, phase)
+            losses.append(out["loss"])
+            for key in parts:
+                parts[key].append(out[key])
+        else:
+            losses.append(step(imgs, labs, lr))
         step_time += time.perf_counter() - t0
         step_images += local_batch * world
         loop_images += local_batch * world
@@ -218,17 +247,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # wall-clock throughput since this (possibly resumed) run started, reports and validation included
             "loop_images_per_s": loop_images / (time.perf_counter() - loop_t0),
         }
+        if mt:
+            metrics.update(phase=phase.name, **{k: float(np.mean(v)) for k, v in parts.items() if v})
+            parts = {k: [] for k in parts}
         losses, step_time, step_images = [], 0.0, 0
         if rank == 0 and due_val and val_stacks:
-            metrics.update(validate(model, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
+            metrics.update(validate(seg_net, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
             best = max(best, metrics["val_iou"])
             metrics["best_val_iou"] = best
         if rank == 0 and due_val and target is not None:
-            metrics.update(score_target(model, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
+            metrics.update(score_target(seg_net, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
         if rank == 0 and due_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 state = {"optimizer": optimizer.state_dict(), "iteration": done}
-                save_checkpoint(f"{tmp}/ckpt", model, build_meta(cfg, spec, done, metrics), state)
+                if mt:
+                    state["reconstruction"] = (model.module if hasattr(model, "module") else model).reconstruction.state_dict()
+                save_checkpoint(f"{tmp}/ckpt", seg_net, build_meta(cfg, spec, done, metrics), state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(f"{tmp}/ckpt"))
         else:
             ray.train.report(metrics)

@@ -46,7 +46,8 @@ def metrics_logger(run_dir: Path, columns: list[str], on_report: Callable[[dict[
                 self.first = False
                 if m["resumed_from"]:
                     print(f"[vemscale] resumed from the checkpoint at iteration {m['resumed_from']}", flush=True)
-            cols = list(dict.fromkeys(columns + sorted(k for k in m if k not in columns)))
+            # every column any row has (a report without validation must not drop the validation columns)
+            cols = list(dict.fromkeys(columns + (list(rows[0]) if rows else []) + sorted(k for k in m if k not in columns)))
             rows.append({c: m.get(c, "") for c in cols})
             write_metrics(self.path, rows, cols)
             on_report(m)
