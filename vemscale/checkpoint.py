@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +125,10 @@ def local_checkpoint(path: str | Path) -> Path:
             raise UserError(f"checkpoint {url!r} is not a vemscale checkpoint: expected {META_FILE} and "
                             f"{WEIGHTS_FILE} under it")
         if res.state == "value":
+            from vemscale.io.atomic import write_bytes
+
             for dest, data in ((target, bytes(res.value)), (stamp, bytes(res.stamp.generation))):
-                tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, dest)
+                write_bytes(dest, data)
     return cache
 
 

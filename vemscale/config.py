@@ -196,4 +196,6 @@ def absolute_url(url: str) -> str:
 
 def dump_config(config: BaseModel, path: str | Path) -> None:
     """Write a config as YAML, the form a user can re-run with."""
-    Path(path).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+    from vemscale.io.atomic import write_text
+
+    write_text(path, yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))

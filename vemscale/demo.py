@@ -85,7 +85,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "prediction": inferred["outputs"], "finetune_val_iou": trained["metrics"].get("val_iou"),
         "iou": scores["mean_iou"], "f1": scores["mean_f1"], "infer_summary": inferred["summary"],
     }
-    (run_dir / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))
+    from vemscale.io.atomic import write_text
+
+    write_text(run_dir / "demo_result.json", json.dumps(result, indent=2, default=str))
     print(f"[demo] done: held-out IoU {scores['mean_iou']:.3f}; results in {run_dir}")
     return result
 

@@ -21,6 +21,7 @@ Layout of a corpus::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from vemscale.curate.dedupe import MAX_DISTANCE
 from vemscale.curate.patches import Filters
 from vemscale.curate.plan import CurateSource, sources_from
 from vemscale.errors import UserError
+from vemscale.io.atomic import write_bytes
 
 __all__ = ["CurateConfig", "run_curate", "add_arguments", "run_cli", "CORPUS_FILE", "corpus_patches"]
 
@@ -156,7 +158,9 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
             if local.remote:
                 raise UserError("folder sources need a local (or mounted) output: their file list is read by path")
             os.makedirs(os.path.dirname(local.location), exist_ok=True)
-            np.save(local.location, np.array([n.encode() for n in names]))
+            buf = io.BytesIO()
+            np.save(buf, np.array([n.encode() for n in names]))
+            write_bytes(local.location, buf.getvalue())
             p["list"] = local.location
     describe = _describe(cfg, plans)
     ledger = Ledger.open(ledger_url(out_kv_url, "sample"), describe, reset=cfg.overwrite)

@@ -446,6 +446,8 @@ def _save(result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     if "run_dir" in extra:
         out = Path(str(extra["run_dir"]))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
+        from vemscale.io.atomic import write_text
+
+        write_text(out / "evaluation.json", json.dumps(result, indent=2, default=str))
         result = {**result, "report": str(out / "evaluation.json")}
     return result

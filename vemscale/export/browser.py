@@ -67,7 +67,9 @@ def screenshot(url: str, path: str | Path, size: tuple[int, int] = (1280, 960), 
             ready = ready + 1 if ok else 0
             time.sleep(0.5)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(driver.get_screenshot_as_png())
+        from vemscale.io.atomic import write_bytes
+
+        write_bytes(path, driver.get_screenshot_as_png())
         errors = [e.get("message", "") for e in driver.get_log("browser")]
     finally:
         driver.quit()

@@ -136,7 +136,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "export_config.yaml")
-    (run_dir / "export_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    from vemscale.io.atomic import write_text
+
+    write_text(run_dir / "export_summary.json", json.dumps(result, indent=2, default=str))
     return result
 
 

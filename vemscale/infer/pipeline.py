@@ -386,7 +386,9 @@ def _write_run_files(cfg: InferConfig, result: dict[str, Any]) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "infer_config.yaml")
-    (run_dir / "infer_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    from vemscale.io.atomic import write_text
+
+    write_text(run_dir / "infer_summary.json", json.dumps(result, indent=2, default=str))
 
 
 __all__ = ["InferConfig", "run_infer", "prepare_infer", "validate", "describe_run"]

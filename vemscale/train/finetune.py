@@ -177,6 +177,8 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vemscale.io.atomic import save_figure
+
     rows = read_metrics(csv_path)
     it = [float(r["iteration"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
@@ -188,7 +190,7 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
         ax[1].plot(*zip(*val), marker="o")
     ax[1].set(xlabel="iteration", ylabel="IoU (foreground mean)", title="held-out IoU", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_figure(fig, png_path, dpi=100)
     plt.close(fig)
 
 

@@ -4,7 +4,6 @@ appends rank 0's reports to it (fine-tuning and pre-training share it)."""
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,12 +18,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(path: Path, rows: list[dict], cols: list[str]) -> None:
     """Replace the file in one rename, so a reader (or a kill) never sees half a table."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    import io
+
+    from vemscale.io.atomic import write_text
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def metrics_logger(run_dir: Path, columns: list[str], on_report: Callable[[dict[str, Any]], None]):

@@ -104,6 +104,8 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vemscale.io.atomic import save_figure
+
     rows = read_metrics(csv_path)
     if not rows:
         return
@@ -116,7 +118,7 @@ def plot_loss(csv_path: Path, png_path: Path) -> None:
         axes[0, 1].plot(*zip(*acc))
         axes[0, 1].set(xlabel="iteration", ylabel="top-1", title="positive-key accuracy", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_figure(fig, png_path, dpi=100)
     plt.close(fig)
 
 

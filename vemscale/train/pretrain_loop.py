@@ -95,9 +95,13 @@ def write_preview(path: Path, views: dict[str, torch.Tensor], norm: Normalize) -
         for i in range(n):
             grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = col[i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}")
-    Image.fromarray((grid * 255).round().astype(np.uint8)).save(tmp, format="PNG")
-    tmp.replace(path)
+    import io
+
+    from vemscale.io.atomic import write_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
 
 
 def build_model(cfg: dict[str, Any]) -> torch.nn.Module:

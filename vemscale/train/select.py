@@ -143,9 +143,9 @@ def read_record(run_dir: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    from vemscale.io.atomic import write_text
+
+    write_text(path, json.dumps(data, indent=1))
 
 
 def summarise(intervals: list[dict]) -> dict:

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vemscale.io.atomic import save_figure
+
 
 def _plt():
     import matplotlib
@@ -38,7 +40,7 @@ def box_plot(by_arm: dict[str, Sequence[float]], path: Path, ylabel: str, title:
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return {"path": str(path), "boxes": len(drawn["boxes"]), "arms": arms}
 
@@ -69,7 +71,7 @@ def curves_plot(curves: dict[str, list[list[tuple[int, float]]]], path: Path, yl
         ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return {"path": str(path), "arms_drawn": lines}
 
@@ -90,6 +92,6 @@ def heatmap(values: dict[str, Sequence[float | None]], columns: list[str], path:
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return {"path": str(path), "cells": int(np.isfinite(grid).sum()), "rows": rows}

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vemscale.io.atomic import write_text
 from vemscale.tune.config import SweepConfig
 from vemscale.tune.plots import box_plot, curves_plot, heatmap
 from vemscale.tune.results import STATUS_ORDER, TARGET_KEYS, write_csv
@@ -99,8 +100,8 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], state: dict[str, Any
         "wall_s": round(wall_s, 1) if wall_s is not None else None,
         "failed": len(failed),
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (run_dir / "report.md").write_text(_markdown(report, rows, sweep, state))
+    write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str))
+    write_text(run_dir / "report.md", _markdown(report, rows, sweep, state))
     return report
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from vemscale.config import ConfigError, dump_config, load_config
 from vemscale.errors import UserError
+from vemscale.io.atomic import append_line, read_json_lines
 from vemscale.tune.config import SweepConfig
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,9 @@ def _finish(grid, state: dict[str, Any], t0: float | None, how: str) -> dict[str
 
     run_dir = Path(state["run_dir"])
     if t0 is not None:
-        with (run_dir / RUNS_FILE).open("a") as f:
-            f.write(json.dumps({"how": how, "started": t0, "wall_s": round(time.time() - t0, 1)}) + "\n")
-    runs = run_dir / RUNS_FILE
-    total = sum(json.loads(line)["wall_s"] for line in runs.read_text().splitlines() if line.strip()) if runs.is_file() else None
+        append_line(run_dir / RUNS_FILE, json.dumps({"how": how, "started": t0, "wall_s": round(time.time() - t0, 1)}))
+    runs = read_json_lines(run_dir / RUNS_FILE)
+    total = sum(r.get("wall_s", 0) for r in runs) if runs else None
     report = write_report(run_dir, collect(grid, state), state, wall_s=total)
     _print_summary(report)
     return report
@@ -154,7 +154,9 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     ensure_ray()
     run_dir.mkdir(parents=True, exist_ok=True)
     tuner = _tuner(state, cfg, checked)  # checks the cluster's resources before anything is written
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    from vemscale.io.atomic import write_text
+
+    write_text(run_dir / STATE_FILE, json.dumps(state, indent=2))
     dump_config(cfg, run_dir / "sweep.yaml")
     return _finish(tuner.fit(), state, t0, "start")
 

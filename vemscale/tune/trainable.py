@@ -42,21 +42,15 @@ def evaluation_reporter(metric: str):
 
 def _record(run_dir: Path, **event) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / ATTEMPTS_FILE).open("a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+    from vemscale.io.atomic import append_line
+
+    append_line(run_dir / ATTEMPTS_FILE, json.dumps({"time": time.time(), **event}))
 
 
 def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / ATTEMPTS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            continue
-    return events
+    from vemscale.io.atomic import read_json_lines
+
+    return read_json_lines(Path(run_dir) / ATTEMPTS_FILE)  # without a line cut by a kill
 
 
 def _finished(run_dir: Path, iterations: int, metric: str) -> bool:
