@@ -257,6 +257,11 @@ def resolve_paths(data: dict[str, Any], cwd: str) -> dict[str, Any]:
     match = (data.get("data") or {}).get("match_histogram")
     if isinstance(match, str):
         data["data"] = {**data["data"], "match_histogram": _local(match, cwd)}
+    mt = data.get("multitask")
+    if isinstance(mt, str):
+        data["multitask"] = _local(mt, cwd)
+    elif isinstance(mt, dict) and isinstance(mt.get("target"), str):
+        data["multitask"] = {**mt, "target": _local(mt["target"], cwd)}
     target = data.get("target")
     if isinstance(target, str):
         data["target"] = _local(target, cwd)
