@@ -255,7 +255,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             metrics.update(validate(seg_net, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
             best = max(best, metrics["val_iou"])
             metrics["best_val_iou"] = best
-        if rank == 0 and due_val and target is not None:
+        # with the Y-Net schedule the reference selects in its last step only (Att_YNet.py custom_callback [F, F, T])
+        selecting = not mt or mt["schedule"] != "ynet" or phase.name == "segmentation"
+        if rank == 0 and due_val and target is not None and selecting:
             metrics.update(score_target(seg_net, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
         if rank == 0 and due_ckpt:
             with tempfile.TemporaryDirectory() as tmp:

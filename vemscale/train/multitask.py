@@ -20,6 +20,7 @@ from pydantic import Field
 
 from vemscale.config import Strict
 from vemscale.train.augment import AugmentConfig, geometric, intensity
+from vemscale.train.loop import SegmentationStep
 from vemscale.train.losses import segmentation_loss
 
 
@@ -62,16 +63,11 @@ def phase_at(cfg: dict, it: int, total: int) -> Phase:
     return YNET_PHASES[-1]
 
 
-class MultitaskStep:
+class MultitaskStep(SegmentationStep):
     """One optimisation step of a `YNet` on a source batch (crops, labels) and a target batch (crops)."""
 
     def __init__(self, model, optimizer, normalizer, augment: AugmentConfig, loss: str, device, seed: int):
-        self.model, self.optimizer, self.augment, self.loss, self.device = model, optimizer, augment, loss, device
-        c = len(normalizer.mean)
-        self.scale = float(normalizer.scale)
-        self.mean = torch.tensor(normalizer.mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
-        self.std = torch.tensor(normalizer.std, dtype=torch.float32, device=device).view(1, c, 1, 1)
-        self.gen = torch.Generator().manual_seed(seed)
+        super().__init__(model, optimizer, normalizer, augment, loss, device, seed)
         ynet = model.module if hasattr(model, "module") else model
         self.groups = {
             "segmentation": [p for n, p in ynet.net.named_parameters() if n.startswith(("decoder.", "head."))],

@@ -15,8 +15,6 @@ The worker computes the statistics (`target_metrics`); the driver keeps the chos
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,13 +185,9 @@ def selection_keeper(run_dir: Path, method: str, prior: float, copy: bool = True
             before = summarise(record["intervals"]).get("chosen_distance", float("inf"))
             record["intervals"].append({k: m[k] for k in keys if k in m})
             if copy and checkpoint is not None and m["select_distance"] < before:
-                final = run_dir / SELECTED_DIR
-                with checkpoint.as_directory() as d:
-                    tmp = final.with_name(f".{final.name}.tmp")
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    shutil.copytree(d, tmp)
-                    shutil.rmtree(final, ignore_errors=True)
-                    os.replace(tmp, final)
+                from vemscale.checkpoint import export_final
+
+                export_final(checkpoint, run_dir / SELECTED_DIR)
             record.update(method=method, prior=prior, **summarise(record["intervals"]))
             _write_json(run_dir / RECORD_FILE, record)
 
