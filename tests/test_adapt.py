@@ -318,3 +318,27 @@ def test_multitask_phases_train_only_what_they_name():
 def torch_allclose(a, b) -> bool:
     """Equal up to float32 summation order (relative to the tensor's largest entry)."""
     return bool((a - b).abs().max() <= 1e-4 * max(1e-8, float(b.abs().max())))
+
+
+def test_multitask_finetune_selects_in_its_segmentation_phase_and_exports_the_segmentation_model(tmp_path):
+    from vemscale.checkpoint import load_checkpoint
+    from vemscale.train.metrics_log import read_metrics
+
+    img = tifffile.imread(data_path(*VNC, "image.tif"), key=range(3))[:, :256, :256]
+    lab = tifffile.imread(data_path(*VNC, "labels_mitochondria.tif"), key=range(3))[:, :256, :256]
+    tgt = tifffile.imread(data_path("cdeep3m_sbem_mito", "val", "image.tif"), key=range(2))[:, :256, :256]
+    for name, a in (("img", img), ("lab", lab), ("tgt", tgt)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.ascontiguousarray(a), photometric="minisblack")
+    run = tmp_path / "run"
+    r = _run(["finetune", f"run_dir={run}", f"data.train=[{{image: {tmp_path / 'img.tif'}, labels: {tmp_path / 'lab.tif'}}}]",
+              "data.classes=[background,mito]", "train.iterations=19", "train.val_every=5", "train.batch_size=2",
+              "train.crop=64", "tiles.tile=128", "tiles.margin=16", f"multitask={tmp_path / 'tgt.tif'}",
+              "select=morphology", f"target={tmp_path / 'tgt.tif'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    phases = {int(float(row["iteration"])): row["phase"] for row in read_metrics(run / "metrics.csv")}
+    assert phases[5] == "joint" and phases[10] == "segmentation"  # 19 iterations: 5 / 4 / 10 as 50:40:100
+    record = json.loads((run / "selection.json").read_text())
+    assert [i["iteration"] for i in record["intervals"]] == [10, 15, 19]  # never in the joint or reconstruction phase
+    model, meta = load_checkpoint(run / "selected")
+    assert meta.iteration == record["chosen_iteration"] and type(model).__name__ == "TransUNet"
+    assert not any(k.startswith("reconstruction") for k in model.state_dict())
