@@ -125,6 +125,15 @@ def test_kill_and_resume(tmp_path):
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert rows == sorted(set(rows)) and rows[-1] == 40  # one row per logged iteration, none repeated
 
+    # run once more: nothing is left to train, the same checkpoint and its held-out IoU come back
+    again = _run(["finetune", str(cfg), "--json"], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["metrics"]["resumed_from"] == 40 and second["metrics"]["val_iou"] == result["metrics"]["val_iou"]
+    assert json.loads((Path(second["checkpoint"]) / "vemscale.json").read_text())["iteration"] == 40
+    rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows == sorted(set(rows)) and rows[-1] == 40
+
 
 # --- real data, short runs: the model must learn (floors measured, see BENCHMARKS.md for full length) ---------
 

@@ -180,6 +180,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint = resume_checkpoint(cfg.get("resume_dir"))
     if checkpoint:
         with checkpoint.as_directory() as d:
+            done_meta = read_meta(d)
             seg_net.load_state_dict(torch.load(f"{d}/{WEIGHTS_FILE}", map_location=device, weights_only=True))
             state = load_train_state(d)
             if state:
@@ -217,6 +218,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     step_time, step_images = 0.0, 0
     best = float("-inf")
     loop_t0, loop_images = time.perf_counter(), 0
+    if start >= tcfg["iterations"]:
+        # killed after its last checkpoint was recorded: nothing is left to train, but the run (and a Tune trial
+        # around it) still needs its final result, so the last checkpoint is reported again with its metrics
+        if rank == 0:
+            ray.train.report({**done_meta.metrics, "iteration": start, "resumed_from": start}, checkpoint=checkpoint)
+        else:
+            ray.train.report({"iteration": start, "resumed_from": start})
+        return
     for it in range(start, total):
         t0 = time.perf_counter()
         imgs, labs = sampler.sample(local_batch)

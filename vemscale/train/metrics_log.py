@@ -50,6 +50,7 @@ def metrics_logger(run_dir: Path, columns: list[str], on_report: Callable[[dict[
                     print(f"[vemscale] resumed from the checkpoint at iteration {m['resumed_from']}", flush=True)
             # every column any row has (a report without validation must not drop the validation columns)
             cols = list(dict.fromkeys(columns + (list(rows[0]) if rows else []) + sorted(k for k in m if k not in columns)))
+            rows = [r for r in rows if float(r["iteration"]) != m["iteration"]]  # a finished run reports its last again
             rows.append({c: m.get(c, "") for c in cols})
             write_metrics(self.path, rows, cols)
             on_report(m)

@@ -182,6 +182,7 @@ def selection_keeper(run_dir: Path, method: str, prior: float, copy: bool = True
                 record["intervals"] = [r for r in record["intervals"] if r["iteration"] <= m["resumed_from"]]
             if "select_distance" not in m:
                 return
+            record["intervals"] = [r for r in record["intervals"] if r["iteration"] != m["iteration"]]
             before = summarise(record["intervals"]).get("chosen_distance", float("inf"))
             record["intervals"].append({k: m[k] for k in keys if k in m})
             if copy and checkpoint is not None and m["select_distance"] < before:
