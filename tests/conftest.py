@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,23 +40,9 @@ def kill_session(sid: int) -> None:
 
     Ray puts each worker in a process group of its own, so killing the driver's group would leave the actors
     running for a while; they all stay in the session the test created."""
-    for _ in range(5):
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getsid(int(entry)) == sid:
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.2)
+    from vemscale.bench.chaos import kill_session as kill
+
+    kill(sid)
 
 
 def kill_cli_when(args: list[str], condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> None:

@@ -51,7 +51,9 @@ def _session_pids(sid: int) -> list[tuple[int, str]]:
     return out
 
 
-def _kill_session(sid: int) -> None:
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`, until none is left (Ray gives its workers process groups of their
+    own, but they stay in the session)."""
     for _ in range(5):
         pids = [p for p, _ in _session_pids(sid)]
         if not pids:
@@ -119,11 +121,11 @@ def trial(i: int, seed: int, src: str, ckpt: str, root: Path, clean: dict[str, s
                     except OSError:
                         killed = None
             if kind == "driver":
-                _kill_session(proc.pid)
+                kill_session(proc.pid)
         time.sleep(0.02)
     rc = proc.wait()
     if kind != "driver":
-        _kill_session(proc.pid)  # anything the run left behind
+        kill_session(proc.pid)  # anything the run left behind
     reran = rc != 0
     recomputed = None
     if reran:
