@@ -101,17 +101,15 @@ def load_target(t: dict, in_chans: int | None = None):
                         "give a target volume of the same modality and channels")
     zs = parse_range(t.get("slices"), img.shape[-3], "target.slices")
     idx = zs.start + sample_slices(zs.stop - zs.start, int(t.get("max_slices", 8)))
-    if img.ndim == 4:
-        image = np.concatenate([np.asarray(img.read((slice(None), slice(int(i), int(i) + 1)))) for i in idx], axis=1)
-    else:
-        image = np.concatenate([np.asarray(img.read((slice(int(i), int(i) + 1),))) for i in idx])[None]
+    run = slice(int(idx[0]), int(idx[-1]) + 1)  # a contiguous run: one read
+    image = np.asarray(img.read((slice(None), run))) if img.ndim == 4 else np.asarray(img.read((run,)))[None]
     labels = None
     if t.get("labels"):
         lab = open_volume(t["labels"])
         if tuple(lab.shape[-3:]) != tuple(img.shape[-3:]):
             raise UserError(f"target labels {t['labels']!r} have shape {tuple(lab.shape)} but the target image has "
                             f"{tuple(img.shape)}; they must cover the same voxels")
-        labels = np.stack([np.asarray(lab.read((slice(int(i), int(i) + 1),)))[0] for i in idx])
+        labels = np.asarray(lab.read((run,)))
     return image, labels
 
 
