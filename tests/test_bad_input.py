@@ -130,6 +130,9 @@ CASES = [
      r"holds a unet_resnet18 but the model is transunet_tiny; set model.name=unet_resnet18"),
     ("instances of a class the source lacks",
      lambda r: ["instances", f"source={r / 'done'}", f"output={r / 'done'}", "classes=nucleus"], r"nucleus"),
+    ("watershed keys without split=watershed",
+     lambda r: ["instances", f"source={r / 'done'}", f"output={r / 'objects'}", "watershed.h_nm=5"],
+     r"split=none: add split=watershed"),
     ("curate: patch larger than the volume",
      lambda r: ["curate", f"sources={r / 'vol.zarr'}", f"output={r / 'done'}", "patch=128"], r"smaller than a patch"),
 ]

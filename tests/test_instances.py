@@ -85,6 +85,91 @@ def test_ids_equal_whole_volume_cc3d_for_any_blocks_and_workers(probs, ray_local
     assert (tmp_path / "out" / "plots" / "objects.png").stat().st_size > 5000
 
 
+def reference_watershed(classes: np.ndarray, voxel_zyx: tuple[float, ...], h_nm: float, min_voxels: int,
+                        max_object_voxels: int) -> np.ndarray:
+    """Whole-volume seeded watershed, written from scipy/scikit-image alone: per class, the distance transform of
+    the class mask, markers = 26-connected h-maxima, watershed of -distance inside the mask; an object without
+    two markers, or whose bounding box (+1 voxel) is over `max_object_voxels`, stays its cc3d object; pieces
+    numbered in scan order, small ones removed."""
+    import cc3d
+    import fastremap
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    cc = cc3d.connected_components(classes, connectivity=26).astype(np.int64)
+    pieces = np.zeros(classes.shape, np.int64)
+    offset = 0
+    for c in np.unique(classes[classes > 0]):
+        mask = classes == c
+        dist = ndimage.distance_transform_edt(mask, sampling=voxel_zyx)
+        markers = cc3d.connected_components((h_maxima(dist, h_nm) > 0).astype(np.uint8), connectivity=26)
+        ws = watershed(-dist, markers, mask=mask, connectivity=3).astype(np.int64)
+        pieces[mask] = ws[mask] + offset
+        offset += int(ws.max()) + 1
+    for o, sl in enumerate(ndimage.find_objects(cc), start=1):
+        grown = [slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(sl, cc.shape)]
+        obj = cc == o
+        n_markers = len(np.unique(pieces[obj]))
+        if n_markers < 2 or np.prod([s.stop - s.start for s in grown]) > max_object_voxels:
+            pieces[obj] = offset + o  # one piece: the whole object
+    lab = cc3d.connected_components(pieces, connectivity=26)  # pieces are connected: this only renumbers
+    if min_voxels:
+        lab = cc3d.dust(lab, threshold=min_voxels, connectivity=26, in_place=False)
+    out, _ = fastremap.renumber(lab, preserve_zero=True, in_place=False)
+    return out.astype(np.uint64)
+
+
+@pytest.fixture(scope="module")
+def touching(tmp_path_factory):
+    """Two classes of balls that touch in pairs and chains (one cc3d object each, several cells), some across
+    classes, as a z,y,x label OME-Zarr with 10 x 10 x 20 nm voxels."""
+    rng = np.random.default_rng(3)
+    shape, voxel = (24, 96, 120), (10.0, 10.0, 20.0)
+    zz, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    labels = np.zeros(shape, np.uint8)
+    for k in range(16):
+        cls = 1 + (k % 3 == 2)
+        r = rng.uniform(70, 110)  # nm
+        c = np.array([rng.uniform(0, shape[0] * 20), rng.uniform(0, shape[1] * 10), rng.uniform(0, shape[2] * 10)])
+        step = rng.normal(size=3) * np.array([0.3, 1, 1])
+        step *= 1.6 * r / np.linalg.norm(step)
+        for _ in range(1 + k % 3):  # single balls, pairs and chains of three, overlapping by a neck
+            inside = ((zz * 20 - c[0]) ** 2 + (yy * 10 - c[1]) ** 2 + (xx * 10 - c[2]) ** 2) <= r * r
+            labels[inside] = cls
+            c = c + step
+    root = tmp_path_factory.mktemp("touching")
+    url = str(root / "labels.zarr")
+    create_ome_zarr(url, shape, np.uint8, (8, 32, 32), voxel)[...].write(labels).result()
+    return {"url": url, "labels": labels, "voxel": voxel}
+
+
+@pytest.mark.parametrize("block, workers, max_voxels", [((8, 32, 32), 2, 1 << 26), ((12, 48, 40), 1, 1 << 26),
+                                                        ((24, 96, 120), 1, 20000)])
+def test_watershed_split_equals_a_whole_volume_watershed_for_any_blocks(touching, ray_local, tmp_path, block,
+                                                                         workers, max_voxels):
+    import cc3d
+
+    h_nm, min_voxels = 20.0, 10
+    cfg = _cfg(touching["url"], tmp_path / "out", classes=["1", "2"], block_shape=block, max_in_flight=workers,
+               chunk=(4, 16, 8), split="watershed", watershed={"h_nm": h_nm, "max_object_voxels": max_voxels},
+               min_size_nm3=min_voxels * 10 * 10 * 20.0)
+    result = run_instances(cfg)
+    ref = reference_watershed(touching["labels"], touching["voxel"][::-1], h_nm, min_voxels, max_voxels)
+    seg = open_volume(str(tmp_path / "out" / "segmentation")).read()
+    whole = cc3d.connected_components(touching["labels"], connectivity=26).max()
+    # the split is real: more pieces than objects, and the unsplit case (small max_object_voxels) has some
+    assert int(ref.max()) >= whole + 3
+    np.testing.assert_array_equal(seg, ref)
+    assert result["objects"] == int(ref.max())
+    assert result["split"]["objects_before"] == whole
+    print("objects", whole, "pieces", int(ref.max()), result["split"])
+    assert result["split"]["objects_split"] >= 2
+    assert result["split"]["objects_too_large"] == (2 if max_voxels == 20000 else 0)  # bounding boxes of 87,100 and 31,920
+    table = pd.read_parquet(tmp_path / "out" / "objects")
+    np.testing.assert_array_equal(table["voxels"].to_numpy(), np.bincount(ref.ravel().astype(np.int64))[1:])
+
+
 def test_an_object_across_eight_blocks_is_one_object(ray_local, tmp_path):
     from skimage.measure import marching_cubes, mesh_surface_area
 
@@ -285,6 +370,9 @@ def test_vnc_mitochondria_objects_from_a_finetuned_checkpoint(tmp_path):
     pred = cli("instances", "configs/instances.yaml", f"source={tmp_path / 'pred'}", f"output={tmp_path / 'objects'}",
                "classes=mitochondria", size, "voxel_size=4.6,4.6,50", "block_shape=4,256,256", "chunk=4,128,128", "progress=false",
                f"run_dir={tmp_path / 'inst'}")
+    split = cli("instances", "configs/instances.yaml", f"source={tmp_path / 'pred'}", f"output={tmp_path / 'split'}",
+                "classes=mitochondria", size, "voxel_size=4.6,4.6,50", "block_shape=4,256,256", "chunk=4,128,128",
+                "split=watershed", "watershed.h_nm=20", "progress=false", f"run_dir={tmp_path / 'inst_split'}")
     truth = cli("instances", f"source={vnc / 'labels_mitochondria.tif'}", f"output={tmp_path / 'truth'}", "classes=1",
                 "voxel_size=4.6,4.6,50", "block_shape=4,256,256", "chunk=4,128,128", "progress=false",
                 f"run_dir={tmp_path / 'inst_truth'}")
@@ -300,6 +388,12 @@ def test_vnc_mitochondria_objects_from_a_finetuned_checkpoint(tmp_path):
         f"run_dir={tmp_path / 'inst_dark'}")
     scores = cli("evaluate", "--pred", str(tmp_path / "objects" / "segmentation"), "--truth",
                  str(tmp_path / "truth" / "segmentation"), "--instances", "--slices", "16:20")
+    split_scores = cli("evaluate", "--pred", str(tmp_path / "split" / "segmentation"), "--truth",
+                       str(tmp_path / "truth" / "segmentation"), "--instances", "--slices", "16:20")
+    print(f"with split=watershed (h 20 nm): F1@0.5 {split_scores['f1@0.5']:.3f}, {split['objects']} objects "
+          f"({split['split']['objects_split']} of {split['split']['objects_before']} split), "
+          f"merged predicted {split_scores['merged_pred_objects']}, split truth {split_scores['split_truth_objects']} "
+          f"(without: {scores['merged_pred_objects']}, {scores['split_truth_objects']})")
     base = cli("evaluate", "--pred", str(tmp_path / "dark" / "segmentation"), "--truth",
                str(tmp_path / "truth" / "segmentation"), "--instances", "--slices", "16:20")
     print(f"VNC mitochondria objects, slices 16-19: F1@0.5 {scores['f1@0.5']:.3f} (dark-voxel baseline "
@@ -307,3 +401,4 @@ def test_vnc_mitochondria_objects_from_a_finetuned_checkpoint(tmp_path):
           f"{scores['objects_pred']} predicted / {scores['objects_truth']} true objects; {pred['objects']} objects")
     assert truth["objects"] > 20 and scores["objects_truth"] > 20
     assert scores["f1@0.5"] >= 0.5 and scores["f1@0.5"] > base["f1@0.5"] + 0.2
+    assert split_scores["f1@0.5"] > base["f1@0.5"] + 0.2  # the split keeps the objects (no shredding into crumbs)

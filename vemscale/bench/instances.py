@@ -5,6 +5,8 @@
   the same volume in this process: tifffile read + whole-volume cc3d + scikit-image `regionprops_table`
   (area, bbox, centroid). The baseline computes less (no surfaces, hulls, ledgers or files); the ratio is
   what the blockwise, resumable, unbounded-size stage costs over holding everything in memory.
+- split: the same with `split=watershed` (h-maxima 20 nm) vs one in-memory whole-volume watershed (scipy
+  distance transform, h-maxima, scikit-image watershed) and vs the stage without the split.
 - table: a generated label volume of small blobs on a lattice plus long bars crossing every block, with
   >= 1e5 objects; the driver's resident memory is sampled during the run, at 1/8 and at full object count,
   so its growth shows whether the driver holds objects (it holds one slab of block keys and the face pairs).
@@ -42,16 +44,18 @@ def lattice_labels(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.pad(out, [(0, s - o) for s, o in zip(shape, out.shape)])
 
 
-def _run_stage(source: str, output: Path, block: tuple[int, int, int], voxel: tuple[float, float, float]) -> dict[str, Any]:
+def _run_stage(source: str, output: Path, block: tuple[int, int, int], voxel: tuple[float, float, float],
+               **keys: Any) -> dict[str, Any]:
     from vemscale.objects.run import InstancesConfig, run_instances
 
     cfg = InstancesConfig(source=source, output=str(output), classes=["1"], voxel_size=voxel, block_shape=block,
-                          chunk=(min(16, block[0]), 128, 128), progress=False, run_dir=str(output) + "_run")
+                          chunk=(min(16, block[0]), 128, 128), progress=False, run_dir=str(output) + "_run", **keys)
     with RssSampler() as rss:
         t0 = time.perf_counter()
         result = run_instances(cfg)
         seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "objects": result["objects"], "timings": result["timings"],
+            "split": result.get("split"),
             "driver_rss_growth_mb": round(rss.peak - rss.start, 1), "crossing_components": result["crossing_components"]}
 
 
@@ -76,6 +80,37 @@ def speed(root: Path, quick: bool) -> dict[str, Any]:
             "baseline_in_memory_s": round(base_s, 2), "baseline_voxels_per_s": round(voxels / base_s),
             "stage_s": stage["seconds"], "stage_voxels_per_s": round(voxels / stage["seconds"]),
             "ratio_stage_to_in_memory": round(base_s / stage["seconds"], 3), "stage_timings": stage["timings"]}
+
+
+def split(root: Path, quick: bool) -> dict[str, Any]:
+    """`split=watershed` on the real VNC mitochondria labels vs one in-memory whole-volume pass (scipy distance
+    transform, h-maxima, scikit-image watershed), and vs the stage without the split."""
+    import cc3d
+    import tifffile
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    src = DATA / "vnc_drosophila_sstem" / "train" / "labels_mitochondria.tif"
+    if quick:
+        tifffile.imwrite(root / "mito_split.tif", tifffile.imread(src)[:8, :512, :512])
+        src = root / "mito_split.tif"
+    voxel, h_nm = (4.6, 4.6, 50.0), 20.0
+    t0 = time.perf_counter()
+    mask = tifffile.imread(src) > 0
+    dist = ndimage.distance_transform_edt(mask, sampling=voxel[::-1])
+    markers = cc3d.connected_components((h_maxima(dist, h_nm) > 0).astype(np.uint8), connectivity=26)
+    ws = watershed(-dist, markers, mask=mask, connectivity=3)
+    base_s = time.perf_counter() - t0
+    pieces = int(len(np.unique(ws[ws > 0])))
+    block = (8, 512, 512) if not quick else (8, 256, 256)
+    plain = _run_stage(str(src), root / "vnc_plain", block, voxel)
+    stage = _run_stage(str(src), root / "vnc_split", block, voxel, split="watershed", watershed={"h_nm": h_nm})
+    return {"volume": str(src), "voxels": int(mask.size), "h_nm": h_nm, "objects_before": plain["objects"],
+            "pieces": stage["objects"], "baseline_pieces": pieces, "split": stage["split"],
+            "baseline_in_memory_s": round(base_s, 2), "stage_s": stage["seconds"], "stage_without_split_s": plain["seconds"],
+            "ratio_stage_to_in_memory": round(base_s / stage["seconds"], 3),
+            "ratio_split_to_no_split": round(stage["seconds"] / plain["seconds"], 2), "stage_timings": stage["timings"]}
 
 
 def table(root: Path, quick: bool) -> dict[str, Any]:
@@ -104,7 +139,7 @@ def table(root: Path, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vemscale.bench.instances", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of every figure)")
-    parser.add_argument("--sections", default="speed,table", help="comma-separated: speed, table")
+    parser.add_argument("--sections", default="speed,split,table", help="comma-separated: speed, split, table")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     from vemscale.raycluster import ensure_ray
@@ -114,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vemscale-bench-instances-") as tmp:
         root = Path(tmp)
         for section in [s.strip() for s in args.sections.split(",") if s.strip()]:
-            result[section] = {"speed": speed, "table": table}[section](root, args.quick)
+            result[section] = {"speed": speed, "split": split, "table": table}[section](root, args.quick)
             print(f"{section}: {json.dumps(result[section])}", flush=True)
     return emit(result, args.json_out)
 

@@ -8,6 +8,16 @@
              -> `segmentation` (uint64) and the objects' partial rows (scratch `partials/<bucket>/<block>`)
     table    per bucket of ids: merge the partial rows -> `objects/part-<bucket>.parquet`
 
+With `split=watershed` the passes up to `table` first run into the scratch (`cc/`: whole objects and their
+bounding boxes), then
+
+    split    each object the block holds, whole (its bounding box), through the seeded watershed of
+             vemscale.post.split -> pieces keyed by their first voxel; the block's components of the pieces
+             -> scratch `pieces`; payload: keys, voxel counts, classes and the pairs (component, piece) that
+             join a piece's parts in different blocks (no faces pass is needed)
+
+and ids, relabel and table run again on the pieces.
+
 Layout of an output::
 
     <output>/.zattrs                 {"vemscale": {"kind": "instances", "classes", "layers", "table", ...}}
@@ -38,15 +48,19 @@ from vemscale.export.steps import open_spec, run_step
 from vemscale.io.urls import join_url, kvstore_url, parse_url
 from vemscale.objects.source import ClassSource
 from vemscale.post import ids as idmaps
-from vemscale.post.instances import face_pairs, label_block
+from vemscale.post.instances import face_pairs, keys_of, label_block
+from vemscale.post.split import WatershedParams, split_object
 from vemscale.post.objects import TABLE_COLUMNS, block_partials, finish_rows, partials_to_table
 
-__all__ = ["SCRATCH_DIR", "BUCKET_IDS", "run_passes"]
+__all__ = ["SCRATCH_DIR", "BUCKET_IDS", "VIRTUAL_KEY", "run_passes"]
 
 log = logging.getLogger(__name__)
 
 SCRATCH_DIR = ".vemscale-scratch"
 BUCKET_IDS = 1 << 18  # object ids per table part: what one reduce task holds (~100 B per partial row)
+# an object too large to split joins its parts through the node VIRTUAL_KEY + id: above every voxel key, so
+# the union-find's root (the smallest key) is still the object's first voxel
+VIRTUAL_KEY = np.uint64(1 << 63)
 
 
 def _kv(url: str) -> ts.KvStore:
@@ -288,10 +302,212 @@ def _plots(table_url: str, buckets: int, ranges: dict[str, dict[str, Any]], plot
     _kv(plot_url).write("objects.png", buf.getvalue()).result()
 
 
+def _bbox_part(table_url: str, bucket: int, run: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, bounding boxes z0,y0,x0,z1,y1,x1) of one table part, cached per worker within a run."""
+    key = (table_url, bucket, run)
+    hit = _BBOX_CACHE.get(key)
+    if hit is None:
+        import pyarrow.parquet as pq
+
+        cols = ["id", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]
+        res = _kv(table_url).read(f"part-{bucket:06d}.parquet").result()
+        if res.state != "value":
+            raise RuntimeError(f"objects table part {bucket} is missing under {table_url} (rerun to recompute)")
+        t = pq.read_table(io.BytesIO(bytes(res.value)), columns=cols)
+        ids = t.column("id").to_numpy().astype(np.uint64)
+        boxes = np.stack([t.column(c).to_numpy().astype(np.int64) for c in cols[1:]], axis=1)
+        if len(_BBOX_CACHE) >= 4:
+            _BBOX_CACHE.pop(next(iter(_BBOX_CACHE)))
+        _BBOX_CACHE[key] = hit = (ids, boxes)
+    return hit
+
+
+_BBOX_CACHE: dict[tuple[str, int, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _bboxes(table_url: str, ids: np.ndarray, run: str) -> np.ndarray:
+    out = np.zeros((len(ids), 6), np.int64)
+    buckets = (ids.astype(np.int64) - 1) // BUCKET_IDS
+    for b in np.unique(buckets):
+        part_ids, boxes = _bbox_part(table_url, int(b), run)
+        sel = buckets == b
+        pos = np.searchsorted(part_ids, ids[sel])
+        if pos.max() >= len(part_ids) or not np.array_equal(part_ids[pos], ids[sel]):
+            raise RuntimeError(f"objects {ids[sel]} have no row in table part {int(b)} (rerun to recompute)")
+        out[sel] = boxes[pos]
+    return out
+
+
+def _object_pieces(o: int, crop: tuple[slice, ...], seg_ctx: np.ndarray, ctx: tuple[slice, ...],
+                   cc_seg_spec: dict[str, Any], cache: ts.KvStore, voxel_zyx: list[float], params: WatershedParams,
+                   run: str) -> np.ndarray:
+    """Pieces of object `o` over `crop` (its bounding box + 1 voxel): from the block's read when it holds the
+    whole crop; else from the scratch cache or computed from the object's own read and cached (every block
+    that computes it writes the same bytes)."""
+    import zlib
+
+    shape = tuple(c.stop - c.start for c in crop)
+    if all(c.start >= x.start and c.stop <= x.stop for c, x in zip(crop, ctx)):
+        local = tuple(slice(c.start - x.start, c.stop - x.start) for c, x in zip(crop, ctx))
+        return split_object(seg_ctx[local] == o, voxel_zyx, params)
+    name = f"{o:020d}"
+    res = cache.read(name).result()
+    if res.state == "value":
+        return np.frombuffer(zlib.decompress(bytes(res.value)), np.uint32).reshape(shape)
+    seg = open_spec(cc_seg_spec, run=run)[crop].read().result()
+    pieces = split_object(seg == o, voxel_zyx, params)
+    cache.write(name, zlib.compress(np.ascontiguousarray(pieces).tobytes(), 1)).result()
+    return pieces
+
+
+def encode_split(keys: np.ndarray, counts: np.ndarray, cls: np.ndarray, pairs: np.ndarray, split: int) -> bytes:
+    return idmaps.encode_components(keys, counts, cls) + np.asarray([len(pairs), split], np.int64).tobytes() \
+        + np.ascontiguousarray(pairs, np.uint64).tobytes()
+
+
+def decode_split(data: bytes) -> tuple[np.ndarray, int]:
+    """(pairs (n, 2), objects split whose first voxel is in the block) of a split payload."""
+    n = int(np.frombuffer(data[:8], np.int64)[0])
+    at = 8 + 17 * n
+    n_pairs, split = (int(v) for v in np.frombuffer(data[at: at + 16], np.int64))
+    pairs = np.frombuffer(data[at + 16: at + 16 + 16 * n_pairs], np.uint64).reshape(-1, 2)
+    return pairs, split
+
+
+def split_task(box: Box, source: ClassSource, cc_seg_spec: dict[str, Any], cc_table_url: str,
+               pieces_spec: dict[str, Any], cache_url: str, params: dict[str, Any], voxel_size_xyz: list[float],
+               max_object_voxels: int, run: str) -> bytes:
+    """The block's part of every object it holds, split into pieces (keys = the pieces' first voxels)."""
+    import cc3d
+    import fastremap
+
+    shape = source.shape
+    ctx = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, shape))
+    inner = tuple(slice(s.start - c.start, s.stop - c.start) for s, c in zip(box, ctx))
+    seg_ctx = open_spec(cc_seg_spec, run=run)[ctx].read().result()
+    core = np.ascontiguousarray(seg_ctx[inner])
+    ids = fastremap.unique(core)
+    ids = ids[ids != 0].astype(np.uint64)
+    out = np.zeros(core.shape, np.uint64)
+    wp = WatershedParams(**params)
+    voxel_zyx = [float(v) for v in voxel_size_xyz[::-1]]
+    cache = _kv(cache_url)
+    n_split = 0
+    origin = np.asarray([s.start for s in box], np.int64)
+    for o, bb in zip(ids.tolist(), _bboxes(cc_table_url, ids, run) if len(ids) else []):
+        lo, hi = bb[:3], bb[3:]
+        crop = tuple(slice(max(0, int(a) - 1), min(n, int(b) + 1)) for a, b, n in zip(lo, hi, shape))
+        part = tuple(slice(max(c.start, s.start), min(c.stop, s.stop)) for c, s in zip(crop, box))
+        in_core = tuple(slice(p.start - s.start, p.stop - s.start) for p, s in zip(part, box))
+        sel = core[in_core] == o
+        if math.prod(c.stop - c.start for c in crop) > max_object_voxels:
+            out[in_core][sel] = VIRTUAL_KEY + np.uint64(o)  # counted by the driver (its pairs' nodes)
+            continue
+        pieces = _object_pieces(o, crop, seg_ctx, ctx, cc_seg_spec, cache, voxel_zyx, wp, run)
+        flat = pieces.ravel()
+        nz = np.flatnonzero(flat)
+        _, first = np.unique(flat[nz], return_index=True)  # pieces 1..k in order
+        pz, py, px = np.unravel_index(nz[first], pieces.shape)
+        gz, gy, gx = pz + crop[0].start, py + crop[1].start, px + crop[2].start
+        gkey = ((gz * shape[1] + gy) * shape[2] + gx) + 1
+        # counted once: by the block that holds the object's first voxel (its first piece's)
+        n_split += len(gkey) > 1 and all(s.start <= int(v[0]) < s.stop for s, v in zip(box, (gz, gy, gx)))
+        lut = np.concatenate([[0], gkey]).astype(np.uint64)
+        in_crop = tuple(slice(p.start - c.start, p.stop - c.start) for p, c in zip(part, crop))
+        out[in_core][sel] = lut[pieces[in_crop][sel]]
+    local = cc3d.connected_components(out, connectivity=wp.connectivity)  # parts of pieces within the block
+    classes = source.read(box)
+    labels, keys, counts, cls = keys_of(local, classes, origin, shape)
+    if len(keys):
+        g = keys.astype(np.int64) - 1
+        z, rem = np.divmod(g, shape[1] * shape[2])
+        y, x = np.divmod(rem, shape[2])
+        piece = out[z - origin[0], y - origin[1], x - origin[2]]
+        join = piece != keys
+        pairs = np.stack([keys[join], piece[join]], axis=1)
+    else:
+        pairs = np.zeros((0, 2), np.uint64)
+    open_spec(pieces_spec, write=True, run=run)[box].write(labels).result()
+    return encode_split(keys, counts, cls, pairs, n_split)
+
+
+def _finish(out_kv: str, tag: str, source: ClassSource, grid: BlockGrid, comps: Ledger, pairs: Iterator[np.ndarray],
+            after: list[str], prov_spec: dict[str, Any], seg_spec: dict[str, Any], table_url: str,
+            plot_url: str | None, voxel_size_xyz: list[float], min_voxels: int, run: str, common: dict[str, Any],
+            timings: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+    """ids (driver), relabel and table over the components in `comps` joined by `pairs`; `tag` names the
+    ledgers ('' for the output, 'cc_' for the objects a split starts from)."""
+    scratch = join_url(out_kv, SCRATCH_DIR)
+    relabel_describe = {"step": f"{tag}relabel", "after": after, "min_voxels": min_voxels, "seg": seg_spec,
+                        "voxel_size": voxel_size_xyz, **extra}
+    relabel_ledger = Ledger.open(ledger_url(out_kv, f"{tag}relabel"), {**relabel_describe, "grid": grid.to_dict()})
+    # maps and partial rows belong to one relabel generation: an older run's never mix in
+    maps_url = join_url(scratch, "maps", relabel_ledger.generation)
+    partials_url = join_url(scratch, "partials", relabel_ledger.generation)
+    ids_key = f"{tag}ids.json"
+    ids_kv = _kv(ledger_url(out_kv))
+    saved = ids_kv.read(ids_key).result()
+    saved_ids = json.loads(bytes(saved.value)) if saved.state == "value" else None
+    t0 = time.perf_counter()
+    if saved_ids is None or saved_ids.get("relabel") != relabel_ledger.generation:
+        crossing = idmaps.resolve_pairs(pairs)
+        for _, p in comps.payloads(grid.num_blocks):
+            keys, counts, _ = idmaps.decode_components(p)
+            crossing.add_counts(keys, counts)
+        assigned = _write_maps(comps, grid, crossing, min_voxels, maps_url)
+        saved_ids = {"relabel": relabel_ledger.generation, "objects": int(assigned["objects"]),
+                     "per_class": {name: int(assigned["per_class"][j]) for j, name in enumerate(source.classes)},
+                     "crossing_components": int(len(crossing.keys))}
+        ids_kv.write(ids_key, json.dumps(saved_ids).encode()).result()
+    timings[f"{tag}ids_s"] = time.perf_counter() - t0
+    objects = int(saved_ids["objects"])
+
+    t0 = time.perf_counter()
+    _, sum_c = run_step(out_kv, f"{tag}relabel", relabel_describe, grid, relabel_task,
+                        {"grid": grid.to_dict(), "prov_spec": prov_spec, "seg_spec": seg_spec, "maps_url": maps_url,
+                         "partials_url": partials_url, "voxel_size_xyz": voxel_size_xyz, "run": run},
+                        bytes_per_voxel=24.0, **common)
+    timings[f"{tag}relabel_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    buckets = max(1, -(-objects // BUCKET_IDS))
+    table_ledger = Ledger.open(ledger_url(out_kv, f"{tag}table"), {"step": f"{tag}table",
+                                                                    "after": relabel_ledger.generation,
+                                                                    "buckets": buckets, "bucket_ids": BUCKET_IDS})
+    stage = Stage(f"{tag}table", table_batch, {"partials_url": partials_url, "table_url": table_url,
+                                               "voxel_size_xyz": voxel_size_xyz,
+                                               "volume_shape": list(grid.volume_shape),
+                                               "class_names": source.classes},
+                  num_cpus=1, concurrency=common["max_in_flight"])
+    if table_ledger.count_done(buckets) == 0:  # a new table: no part of an older one may stay
+        _kv(table_url).delete_range(ts.KvStore.KeyRange()).result()
+    sum_d = run_blocks(f"instances {tag}table", buckets, table_ledger, [stage], batch_ids=1,
+                       progress=common["progress"])
+    ranges: dict[str, dict[str, Any]] = {}
+    for _, p in table_ledger.payloads(buckets):
+        for name, st in json.loads(p or b"{}").items():
+            r = ranges.setdefault(name, {"objects": 0, "min_nm3": math.inf, "max_nm3": 0.0})
+            r["objects"] += st["objects"]
+            r["min_nm3"] = min(r["min_nm3"], st["min_nm3"])
+            r["max_nm3"] = max(r["max_nm3"], st["max_nm3"])
+    timings[f"{tag}table_s"] = time.perf_counter() - t0
+    if plot_url is not None:
+        t0 = time.perf_counter()
+        _plots(table_url, buckets, ranges, plot_url)
+        timings["plots_s"] = time.perf_counter() - t0
+    for url in (maps_url, partials_url):  # the table is complete: this generation's maps and partials are spent
+        _kv(url).delete_range(ts.KvStore.KeyRange()).result()
+    return {"objects": objects, "per_class": saved_ids["per_class"], "table_parts": buckets,
+            "crossing_components": saved_ids.get("crossing_components"), "generation": table_ledger.generation,
+            "blocks": {f"{tag}relabel": sum_c, f"{tag}table": sum_d}}
+
+
 def run_passes(source: ClassSource, output: str, grid: BlockGrid, prov_spec: dict[str, Any], seg_spec: dict[str, Any],
                voxel_size_xyz: list[float], connectivity: int, min_voxels: int, max_in_flight: int | None,
-               blocks_per_batch: int | None, progress: bool) -> dict[str, Any]:
-    """All passes; every one resumes through its ledger. Returns counts and timings."""
+               blocks_per_batch: int | None, progress: bool, split: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All passes; every one resumes through its ledger. Returns counts and timings.
+
+    `split` (watershed): {"params": WatershedParams fields, "max_object_voxels", "cc_seg_spec", "pieces_spec"}."""
     run = uuid.uuid4().hex
     out_kv = kvstore_url(parse_url(output))
     scratch = join_url(out_kv, SCRATCH_DIR)
@@ -311,64 +527,52 @@ def run_passes(source: ClassSource, output: str, grid: BlockGrid, prov_spec: dic
                                {"source": source, "prov_spec": prov_spec, "connectivity": connectivity, "run": run},
                                bytes_per_voxel=10.0, **common)
     timings["faces_s"] = time.perf_counter() - t0
+    blocks = {"label": sum_a, "faces": sum_b}
 
-    relabel_describe = {"step": "relabel", "after": [ledger_a.generation, ledger_b.generation], "min_voxels": min_voxels,
-                        "seg": seg_spec, "voxel_size": voxel_size_xyz}
-    relabel_ledger = Ledger.open(ledger_url(out_kv, "relabel"), {**relabel_describe, "grid": grid.to_dict()})
-    # maps and partial rows belong to one relabel generation: an older run's never mix in
-    maps_url = join_url(scratch, "maps", relabel_ledger.generation)
-    partials_url = join_url(scratch, "partials", relabel_ledger.generation)
-    ids_key = "ids.json"
-    ids_kv = _kv(ledger_url(out_kv))
-    saved = ids_kv.read(ids_key).result()
-    saved_ids = json.loads(bytes(saved.value)) if saved.state == "value" else None
-    t0 = time.perf_counter()
-    if saved_ids is None or saved_ids.get("relabel") != relabel_ledger.generation:
-        crossing = idmaps.resolve_pairs(np.frombuffer(p, np.uint64).reshape(-1, 2)
-                                        for _, p in ledger_b.payloads(grid.num_blocks) if p)
-        for _, p in ledger_a.payloads(grid.num_blocks):
-            keys, counts, _ = idmaps.decode_components(p)
-            crossing.add_counts(keys, counts)
-        assigned = _write_maps(ledger_a, grid, crossing, min_voxels, maps_url)
-        saved_ids = {"relabel": relabel_ledger.generation, "objects": int(assigned["objects"]),
-                     "per_class": {name: int(assigned["per_class"][j]) for j, name in enumerate(source.classes)},
-                     "crossing_components": int(len(crossing.keys))}
-        ids_kv.write(ids_key, json.dumps(saved_ids).encode()).result()
-    timings["ids_s"] = time.perf_counter() - t0
-    objects = int(saved_ids["objects"])
+    def face_pairs_of(ledger: Ledger) -> Iterator[np.ndarray]:
+        return (np.frombuffer(p, np.uint64).reshape(-1, 2) for _, p in ledger.payloads(grid.num_blocks) if p)
 
-    t0 = time.perf_counter()
-    _, sum_c = run_step(out_kv, "relabel", relabel_describe, grid, relabel_task,
-                        {"grid": grid.to_dict(), "prov_spec": prov_spec, "seg_spec": seg_spec, "maps_url": maps_url,
-                         "partials_url": partials_url, "voxel_size_xyz": voxel_size_xyz, "run": run},
-                        bytes_per_voxel=24.0, **common)
-    timings["relabel_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    buckets = max(1, -(-objects // BUCKET_IDS))
-    table_ledger = Ledger.open(ledger_url(out_kv, "table"), {"step": "table", "after": relabel_ledger.generation,
-                                                              "buckets": buckets, "bucket_ids": BUCKET_IDS})
-    stage = Stage("table", table_batch, {"partials_url": partials_url, "table_url": table_url,
-                                         "voxel_size_xyz": voxel_size_xyz, "volume_shape": list(grid.volume_shape),
-                                         "class_names": source.classes}, num_cpus=1, concurrency=max_in_flight)
-    if table_ledger.count_done(buckets) == 0:  # a new table: no part of an older one may stay
-        _kv(table_url).delete_range(ts.KvStore.KeyRange()).result()
-    sum_d = run_blocks("instances table", buckets, table_ledger, [stage], batch_ids=1, progress=progress)
-    ranges: dict[str, dict[str, Any]] = {}
-    for _, p in table_ledger.payloads(buckets):
-        for name, st in json.loads(p or b"{}").items():
-            r = ranges.setdefault(name, {"objects": 0, "min_nm3": math.inf, "max_nm3": 0.0})
-            r["objects"] += st["objects"]
-            r["min_nm3"] = min(r["min_nm3"], st["min_nm3"])
-            r["max_nm3"] = max(r["max_nm3"], st["max_nm3"])
-    timings["table_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _plots(table_url, buckets, ranges, plot_url)
-    timings["plots_s"] = time.perf_counter() - t0
-    for url in (maps_url, partials_url):  # the table is complete: this generation's maps and partials are spent
-        _kv(url).delete_range(ts.KvStore.KeyRange()).result()
-    return {"objects": objects, "per_class": saved_ids["per_class"], "table_parts": buckets,
-            "crossing_components": saved_ids.get("crossing_components"),
-            "blocks": {name: {k: s[k] for k in ("blocks", "computed", "skipped")}
-                       for name, s in (("label", sum_a), ("faces", sum_b), ("relabel", sum_c), ("table", sum_d))},
+    after = [ledger_a.generation, ledger_b.generation]
+    split_summary: dict[str, Any] | None = None
+    if split is None:
+        done = _finish(out_kv, "", source, grid, ledger_a, face_pairs_of(ledger_b), after, prov_spec, seg_spec,
+                       table_url, plot_url, voxel_size_xyz, min_voxels, run, common, timings, {})
+    else:
+        cc_table_url = join_url(scratch, "cc", "objects")
+        cc = _finish(out_kv, "cc_", source, grid, ledger_a, face_pairs_of(ledger_b), after, prov_spec,
+                     split["cc_seg_spec"], cc_table_url, None, voxel_size_xyz, 0, run, common, timings, {})
+        blocks.update(cc.pop("blocks"))
+        describe = {"step": "split", "after": cc["generation"], "params": split["params"],
+                    "max_object_voxels": split["max_object_voxels"], "pieces": split["pieces_spec"]}
+        split_ledger = Ledger.open(ledger_url(out_kv, "split"), {**describe, "grid": grid.to_dict()})
+        cache_url = join_url(scratch, "split_cache", split_ledger.generation)
+        t0 = time.perf_counter()
+        split_ledger, sum_s = run_step(out_kv, "split", describe, grid, split_task,
+                                       {"source": source, "cc_seg_spec": split["cc_seg_spec"],
+                                        "cc_table_url": cc_table_url, "pieces_spec": split["pieces_spec"],
+                                        "cache_url": cache_url, "params": split["params"],
+                                        "voxel_size_xyz": voxel_size_xyz,
+                                        "max_object_voxels": split["max_object_voxels"], "run": run},
+                                       bytes_per_voxel=40.0, **common)
+        timings["split_s"] = time.perf_counter() - t0
+        blocks["split"] = sum_s
+        n_split, large = 0, np.zeros(0, np.uint64)
+        for _, p in split_ledger.payloads(grid.num_blocks):
+            pairs_b, s = decode_split(p)
+            n_split += s
+            large = np.union1d(large, pairs_b[pairs_b[:, 1] >= VIRTUAL_KEY, 1])  # the unsplit objects' nodes
+        n_large = len(large)
+        split_summary = {"objects_before": cc["objects"], "objects_split": n_split, "objects_too_large": n_large}
+        if n_large:
+            log.warning("split: %d objects have a bounding box over max_object_voxels=%d and were not split",
+                        n_large, split["max_object_voxels"])
+        pairs = (decode_split(p)[0] for _, p in split_ledger.payloads(grid.num_blocks))
+        done = _finish(out_kv, "", source, grid, split_ledger, pairs, [split_ledger.generation],
+                       split["pieces_spec"], seg_spec, table_url, plot_url, voxel_size_xyz, min_voxels, run, common,
+                       timings, {"split": split["params"]})
+        _kv(cache_url).delete_range(ts.KvStore.KeyRange()).result()
+    blocks.update(done.pop("blocks"))
+    done.pop("generation")
+    return {**done, "split": split_summary,
+            "blocks": {name: {k: s[k] for k in ("blocks", "computed", "skipped")} for name, s in blocks.items()},
             "timings": {k: round(v, 3) for k, v in timings.items()}, "scratch": scratch}

@@ -23,13 +23,24 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from vemscale.config import StageConfig, absolute_url, dump_config, load_cli_config
+from vemscale.config import StageConfig, Strict, absolute_url, dump_config, load_cli_config
 from vemscale.errors import UserError
 from vemscale.io.shards import ShardKeys
 
 __all__ = ["InstancesConfig", "run_instances", "add_arguments", "run_cli"]
 
 log = logging.getLogger(__name__)
+
+
+class WatershedConfig(Strict):
+    """`split=watershed`: touching objects split along the necks of their distance transform (vemscale.post.split)."""
+
+    seeds: Literal["hmaxima", "distance"] = "hmaxima"  # h-maxima of the distance, or components far from the surface
+    h_nm: float = Field(20.0, gt=0)  # hmaxima: how much a maximum must stand above the neck joining it to another
+    seed_distance_nm: float = Field(100.0, gt=0)  # distance: voxels at least this far inside the object seed it
+    # an object is split whole, in its bounding box (+1 voxel): the memory of one task is ~40 B x this; larger
+    # objects stay one (counted in the summary)
+    max_object_voxels: int = Field(1 << 26, ge=1)
 
 
 class InstancesConfig(StageConfig, ShardKeys):
@@ -42,6 +53,8 @@ class InstancesConfig(StageConfig, ShardKeys):
     threshold: float = 0.5  # probability a voxel needs to belong to a class (the most probable class wins)
     min_size_nm3: float = 0.0  # objects smaller than this (voxels x voxel volume) are removed
     connectivity: Literal[6, 18, 26] = 26  # voxel neighbourhood that joins voxels into one object (cc3d's)
+    split: Literal["none", "watershed"] = "none"  # watershed: split touching objects (seeded, distance transform)
+    watershed: WatershedConfig = Field(default_factory=WatershedConfig)
     voxel_size: tuple[float, float, float] | None = None  # x,y,z nm; default from the source
     block_shape: tuple[int, int, int] = (64, 512, 512)  # z,y,x voxels per block (a whole number of chunks)
     chunk: tuple[int, int, int] = (16, 128, 128)  # z,y,x chunks of the segmentation layer
@@ -72,6 +85,12 @@ def _check(cfg: InstancesConfig) -> None:
         raise UserError(f"threshold {cfg.threshold} must be in (0, 1]: the probability a voxel needs")
     if not math.isfinite(cfg.min_size_nm3) or cfg.min_size_nm3 < 0:
         raise UserError(f"min_size_nm3 {cfg.min_size_nm3} must be >= 0 (a volume in cubic nanometres)")
+    if cfg.split == "none" and cfg.watershed != WatershedConfig():
+        raise UserError("watershed.* keys differ from their defaults but split=none: add split=watershed to split touching objects, "
+                        "or drop the watershed keys")
+    if cfg.split == "watershed" and cfg.connectivity != 26:
+        log.warning("split=watershed with connectivity=%d: the pieces are still independent of the blocks, but "
+                    "equal a whole-volume watershed per class only for connectivity=26", cfg.connectivity)
     if cfg.voxel_size is not None and min(cfg.voxel_size) <= 0:
         raise UserError(f"voxel_size {cfg.voxel_size} must be positive x,y,z nm")
 
@@ -130,20 +149,32 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
                           overwrite=cfg.overwrite, name="segmentation", shard=layout.shard)
     prov = create_ome_zarr(join_url(output, SCRATCH_DIR, "provisional"), shape, np.uint64, chunk, voxel,
                            overwrite=cfg.overwrite, name="provisional", shard=layout.shard)
+    split = None
+    if cfg.split == "watershed":
+        scratch_layers = {name: create_ome_zarr(join_url(output, SCRATCH_DIR, *path), shape, np.uint64, chunk, voxel,
+                                                overwrite=cfg.overwrite, name=name, shard=layout.shard)
+                          for name, path in (("cc", ("cc", "segmentation")), ("pieces", ("pieces",)))}
+        ws = cfg.watershed
+        split = {"params": {"seeds": ws.seeds, "h_nm": ws.h_nm, "seed_distance_nm": ws.seed_distance_nm,
+                            "connectivity": cfg.connectivity},
+                 "max_object_voxels": ws.max_object_voxels,
+                 "cc_seg_spec": scratch_layers["cc"].spec(minimal_spec=True).to_json(),
+                 "pieces_spec": scratch_layers["pieces"].spec(minimal_spec=True).to_json()}
     kv = ts.KvStore.open(kvstore_url(parse_url(output)) + "/").result()
     meta = {"vemscale": {"kind": "instances", "classes": source.classes, "layers": {"segmentation": "segmentation"},
                          "table": "objects", "source": source.volume.url, "threshold": cfg.threshold,
                          "min_size_nm3": cfg.min_size_nm3, "connectivity": cfg.connectivity,
+                         "split": cfg.split, **({"watershed": cfg.watershed.model_dump()} if split else {}),
                          "voxel_size_xyz": voxel, "layout": layout.to_dict()}}
     write_group_attrs(kv, meta, 3 if layout.shard else 2)
     ensure_ray()
     summary = run_passes(source, output, grid, prov.spec(minimal_spec=True).to_json(),
                          seg.spec(minimal_spec=True).to_json(), voxel, cfg.connectivity, min_voxels,
-                         cfg.max_in_flight, cfg.blocks_per_batch, cfg.progress)
+                         cfg.max_in_flight, cfg.blocks_per_batch, cfg.progress, split=split)
     if not cfg.keep_scratch:
         from vemscale.blocks.ledger import Ledger, ledger_url
 
-        for step in ("label", "faces"):  # their outputs go with the scratch: a rerun must recompute them
+        for step in ("label", "faces", "cc_relabel", "cc_table", "split"):  # their outputs go with the scratch: a rerun must recompute them
             Ledger.invalidate(ledger_url(kvstore_url(parse_url(output)), step))
         ts.KvStore.open(join_url(kvstore_url(parse_url(output)), SCRATCH_DIR) + "/").result() \
             .delete_range(ts.KvStore.KeyRange()).result()
