@@ -114,7 +114,7 @@ def test_selection_keeper_keeps_the_smallest_distance_and_drops_intervals_after_
     assert (tmp_path / SELECTED_DIR / "iteration.txt").read_text() == "30"
 
 
-def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path):
+def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path, ray_local):
     """A real run with 3 validation points: the recorded prior, each interval's statistic and the choice are
     recomputed from the source labels and from `infer` of the kept checkpoint, with scikit-image regionprops."""
     img = tifffile.imread(data_path(*VNC, "image.tif"), key=range(4))[:, :256, :256]
@@ -141,9 +141,11 @@ def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path
     assert all(float(logged[i]["select_distance"]) == pytest.approx(dists[i]) for i in dists)
     assert "selection: iteration" in r.stdout and str(run / "selected") in r.stdout
     out = tmp_path / "pred"
-    r = _run(["infer", f"input={tmp_path / 'tgt.tif'}", f"output={out}", f"checkpoint={run / 'selected'}",
-              "block_shape=2,128,128", "output_chunks=2,128,128", "progress=false", "write=labels"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    from vemscale.infer.pipeline import InferConfig, run_infer
+
+    run_infer(InferConfig(input=str(tmp_path / "tgt.tif"), output=str(out), checkpoint=str(run / "selected"),
+                          block_shape=(2, 128, 128), output_chunks=(2, 128, 128), progress=False, write="labels",
+                          run_dir=str(tmp_path / "infer_run")))  # in this process, on the tests' Ray
     from vemscale.io.volume import open_volume
 
     pred = open_volume(f"{out}/labels").read() == 1
@@ -327,7 +329,7 @@ def torch_allclose(a, b) -> bool:
     return bool((a - b).abs().max() <= 1e-4 * max(1e-8, float(b.abs().max())))
 
 
-def test_multitask_finetune_selects_in_its_segmentation_phase_and_exports_the_segmentation_model(tmp_path):
+def test_multitask_finetune_selects_in_its_segmentation_phase_and_exports_the_segmentation_model(tmp_path, ray_local):
     from vemscale.checkpoint import load_checkpoint
     from vemscale.train.metrics_log import read_metrics
 
@@ -337,11 +339,14 @@ def test_multitask_finetune_selects_in_its_segmentation_phase_and_exports_the_se
     for name, a in (("img", img), ("lab", lab), ("tgt", tgt)):
         tifffile.imwrite(tmp_path / f"{name}.tif", np.ascontiguousarray(a), photometric="minisblack")
     run = tmp_path / "run"
-    r = _run(["finetune", f"run_dir={run}", f"data.train=[{{image: {tmp_path / 'img.tif'}, labels: {tmp_path / 'lab.tif'}}}]",
-              "data.classes=[background,mito]", "train.iterations=19", "train.val_every=5", "train.batch_size=2",
-              "train.crop=64", "tiles.tile=128", "tiles.margin=16", f"multitask={tmp_path / 'tgt.tif'}",
-              "select=morphology", f"target={tmp_path / 'tgt.tif'}"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    from vemscale.config import load_config
+    from vemscale.train.finetune import FinetuneConfig, finetune
+
+    finetune(load_config(FinetuneConfig, None, [  # in this process, on the tests' Ray
+        f"run_dir={run}", f"data.train=[{{image: {tmp_path / 'img.tif'}, labels: {tmp_path / 'lab.tif'}}}]",
+        "data.classes=[background,mito]", "train.iterations=19", "train.val_every=5", "train.batch_size=2",
+        "train.crop=64", "tiles.tile=128", "tiles.margin=16", f"multitask={tmp_path / 'tgt.tif'}",
+        "select=morphology", f"target={tmp_path / 'tgt.tif'}"]))
     phases = {int(float(row["iteration"])): row["phase"] for row in read_metrics(run / "metrics.csv")}
     assert phases[5] == "joint" and phases[10] == "segmentation"  # 19 iterations: 5 / 4 / 10 as 50:40:100
     record = json.loads((run / "selection.json").read_text())

@@ -89,7 +89,10 @@ def _checkpoint_iterations(run_dir: Path) -> list[int]:
     return sorted(its)
 
 
-def test_kill_and_resume(tmp_path):
+def test_kill_and_resume(tmp_path, ray_local):
+    from vemscale.config import load_config
+    from vemscale.train.finetune import FinetuneConfig, finetune
+
     run_dir = tmp_path / "run"
     cfg = _write_config(
         tmp_path / "c.yaml", run_dir=str(run_dir),
@@ -115,20 +118,16 @@ def test_kill_and_resume(tmp_path):
     time.sleep(3)
     saved = max(_checkpoint_iterations(run_dir))  # the newest complete checkpoint the rerun will find
 
-    r = _run(["finetune", str(cfg), "--json"], timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    # the reruns run in this process, on the tests' Ray: what is resumed is on disk, not in a Ray session
+    result = finetune(load_config(FinetuneConfig, cfg))
     assert result["metrics"]["resumed_from"] == saved
-    assert f"resumed from the checkpoint at iteration {saved}" in r.stdout
     meta = json.loads((Path(result["checkpoint"]) / "vemscale.json").read_text())
     assert meta["iteration"] == 40
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert rows == sorted(set(rows)) and rows[-1] == 40  # one row per logged iteration, none repeated
 
     # run once more: nothing is left to train, the same checkpoint and its held-out IoU come back
-    again = _run(["finetune", str(cfg), "--json"], timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    second = json.loads(again.stdout.strip().splitlines()[-1])
+    second = finetune(load_config(FinetuneConfig, cfg))
     assert second["metrics"]["resumed_from"] == 40 and second["metrics"]["val_iou"] == result["metrics"]["val_iou"]
     assert json.loads((Path(second["checkpoint"]) / "vemscale.json").read_text())["iteration"] == 40
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
@@ -137,11 +136,12 @@ def test_kill_and_resume(tmp_path):
 
 # --- real data, short runs: the model must learn (floors measured, see BENCHMARKS.md for full length) ---------
 
-SHORT = ["train.iterations=150", "train.batch_size=4", "train.val_every=150", "train.checkpoint_every=150",
+SHORT = ["train.iterations=100", "train.batch_size=4", "train.val_every=100", "train.checkpoint_every=100",
          "train.log_every=25"]
 
 
-# measured 2026-11-30 at 150 iterations, batch 4: vnc 0.676, isbi 0.655; floors leave room for seed/thread noise.
+# measured 2026-12-02 at 100 iterations, batch 4: vnc 0.548 (2026-11-30 at 150: vnc 0.676, isbi 0.655); floors
+# leave room for seed/thread noise and stay far above a trivial answer (all-mitochondria IoU ~0.05).
 # The ISBI run and the VNC run with blockwise inference are `slow` so the default suite stays under 15 minutes
 # on 2 cores; `tests/test_demo.py` checks infer == validation on the generated volume in the default suite.
 @pytest.mark.parametrize("config, floor, check_infer", [
@@ -149,16 +149,19 @@ SHORT = ["train.iterations=150", "train.batch_size=4", "train.val_every=150", "t
     pytest.param("configs/finetune_vnc_mito.yaml", 0.45, True, marks=pytest.mark.slow),
     pytest.param("configs/finetune_isbi_membranes.yaml", 0.55, False, marks=pytest.mark.slow),
 ])
-def test_short_finetune_on_real_data(tmp_path, config, floor, check_infer):
-    r = _run(["finetune", config, *SHORT, f"run_dir={tmp_path / 'run'}", "--json"], timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+def test_short_finetune_on_real_data(tmp_path, ray_local, config, floor, check_infer):
+    from vemscale.config import load_config
+    from vemscale.train.finetune import FinetuneConfig, finetune
+
+    # in this process, on the tests' Ray (the CLI path is covered by the kill test and test_demo)
+    cfg = load_config(FinetuneConfig, ROOT / config, [*SHORT, f"run_dir={tmp_path / 'run'}"])
+    result = finetune(cfg)
     iou = result["metrics"]["val_iou"]
-    print(f"{config}: held-out IoU after 150 iterations = {iou:.4f}")
+    print(f"{config}: held-out IoU after 100 iterations = {iou:.4f}")
     assert iou >= floor
     ckpt = Path(result["checkpoint"])
     meta = json.loads((ckpt / "vemscale.json").read_text())
-    assert meta["iteration"] == 150 and meta["model"]["name"] == "transunet_tiny" and len(meta["classes"]) == 2
+    assert meta["iteration"] == 100 and meta["model"]["name"] == "transunet_tiny" and len(meta["classes"]) == 2
     assert meta["normalization"]["scale"] == 255.0 and meta["voxel_size_xyz"] is not None
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
