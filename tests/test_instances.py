@@ -168,6 +168,29 @@ def test_watershed_split_equals_a_whole_volume_watershed_for_any_blocks(touching
     assert result["split"]["objects_too_large"] == (2 if max_voxels == 20000 else 0)  # bounding boxes of 87,100 and 31,920
     table = pd.read_parquet(tmp_path / "out" / "objects")
     np.testing.assert_array_equal(table["voxels"].to_numpy(), np.bincount(ref.ravel().astype(np.int64))[1:])
+    if max_voxels == 20000:  # another size threshold: only the pieces' ids and table are made again
+        again = run_instances(cfg.model_copy(update={"min_size_nm3": 300 * 10 * 10 * 20.0}))
+        assert again["blocks"]["split"]["computed"] == 0 and again["blocks"]["cc_relabel"]["computed"] == 0
+        assert again["blocks"]["relabel"]["computed"] == again["blocks"]["relabel"]["blocks"]
+        ref = reference_watershed(touching["labels"], touching["voxel"][::-1], h_nm, 300, max_voxels)
+        np.testing.assert_array_equal(open_volume(str(tmp_path / "out" / "segmentation")).read(), ref)
+
+
+def test_distance_seeds_split_a_dumbbell_at_its_neck_and_keep_an_unseeded_object_whole():
+    from vemscale.post.split import WatershedParams, split_object
+
+    zz, yy, xx = np.mgrid[:20, :40, :80]
+    voxel = (20.0, 10.0, 10.0)  # z,y,x nm
+    ball = lambda cx: ((zz - 9.5) * 2) ** 2 + (yy - 19.5) ** 2 + (xx - cx) ** 2 <= 15 ** 2  # radius 150 nm
+    neck = (np.abs(zz - 9.5) * 2 <= 3) & (np.abs(yy - 19.5) <= 3) & (xx > 20) & (xx < 60)
+    dumbbell = ball(20) | ball(60) | neck
+    pieces = split_object(dumbbell, voxel, WatershedParams(seeds="distance", seed_distance_nm=100.0))
+    assert pieces.max() == 2 and np.array_equal(pieces > 0, dumbbell)
+    assert pieces[10, 20, 20] == 1 and pieces[10, 20, 60] == 2  # numbered by first voxel: the left ball first
+    left = (pieces == 1).sum() / dumbbell.sum()
+    assert 0.45 < left < 0.55 and not ((pieces == 1) & (xx > 45)).any()  # cut near the middle of the neck
+    whole = split_object(dumbbell, voxel, WatershedParams(seeds="distance", seed_distance_nm=200.0))
+    assert whole.max() == 1 and np.array_equal(whole > 0, dumbbell)  # no voxel 200 nm inside: one piece, kept
 
 
 def test_an_object_across_eight_blocks_is_one_object(ray_local, tmp_path):
