@@ -570,7 +570,7 @@ def run_passes(source: ClassSource, output: str, grid: BlockGrid, prov_spec: dic
         done = _finish(out_kv, "", source, grid, split_ledger, pairs, [split_ledger.generation],
                        split["pieces_spec"], seg_spec, table_url, plot_url, voxel_size_xyz, min_voxels, run, common,
                        timings, {"split": split["params"]})
-        _kv(cache_url).delete_range(ts.KvStore.KeyRange()).result()
+        _kv(join_url(scratch, "split_cache")).delete_range(ts.KvStore.KeyRange()).result()  # every generation's
     blocks.update(done.pop("blocks"))
     done.pop("generation")
     return {**done, "split": split_summary,
