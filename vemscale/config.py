@@ -7,6 +7,7 @@ valid keys at that level, so a typo in a YAML file or on the command line fails 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Iterable, TypeVar
 
@@ -139,6 +140,32 @@ def build_config(model: type[C], data: dict[str, Any]) -> C:
         raise ConfigError(_format_validation(err)) from None
 
 
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def layer(model: type[BaseModel], base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`; when the result names a recipe (a model with `recipe_values`), its values go in
+    between: they replace `base`'s (a config file, an earlier config) and `update`'s keys win over them."""
+    merged = _deep_merge(base, update)
+    name = merged.get("recipe")
+    hook = getattr(model, "recipe_values", None)
+    if hook is None or name in (None, "none") or not isinstance(name, str):
+        return merged
+    values = hook(name)
+    given = _leaves(base)
+    replaced = [f"{k} {given[k]!r} -> {v!r}" for k, v in _leaves(values).items() if k in given and given[k] != v]
+    if replaced:
+        logging.getLogger("vemscale.config").info("recipe=%s replaces: %s", name, "; ".join(replaced))
+    return _deep_merge(_deep_merge(base, values), update)
+
+
 def load_config(model: type[C], path: str | Path | None = None, overrides: Iterable[str] = ()) -> C:
     """Load `path` (YAML) if given, apply dotted overrides, validate into `model`."""
     data: dict[str, Any] = {}
@@ -153,8 +180,7 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: Itera
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values")
         data = loaded
-    data = _deep_merge(data, parse_overrides(overrides))
-    return build_config(model, data)
+    return build_config(model, layer(model, data, parse_overrides(overrides)))
 
 
 def load_cli_config(model: type[C], items: Iterable[str], verbatim: Iterable[str] = ()) -> C:
@@ -182,7 +208,7 @@ def load_cli_config(model: type[C], items: Iterable[str], verbatim: Iterable[str
 def apply_overrides(config: C, overrides: Iterable[str]) -> C:
     """A copy of `config` with overrides applied and re-validated."""
     data = config.model_dump(mode="json")
-    return build_config(type(config), _deep_merge(data, parse_overrides(overrides)))
+    return build_config(type(config), layer(type(config), data, parse_overrides(overrides)))
 
 
 def absolute_url(url: str) -> str:

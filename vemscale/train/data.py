@@ -109,7 +109,7 @@ class CropSampler:
     """Random 2D crops (image (C,T,T) raw, labels (T,T)) from labelled stacks, along the chosen plane axes."""
 
     def __init__(self, stacks: list[LabelledStack], crop: int, axes: list[int], seed: int,
-                 match: dict | None = None, match_p: float = 0.0):
+                 match: dict | None = None, match_p: float = 0.0, p_foreground: float = 0.0):
         if not stacks:
             raise UserError("the training set is empty: give at least one labelled volume under data.train")
         self.stacks, self.crop, self.axes = stacks, crop, axes
@@ -120,6 +120,8 @@ class CropSampler:
         sizes = np.array([st.labels.size for st in stacks], np.float64)
         self.p = sizes / sizes.sum()
         self.rng = np.random.default_rng(seed)
+        # albumentations CropNonEmptyMaskIfExists: with p_foreground, a crop around a random labelled pixel
+        self.p_foreground = float(p_foreground)
 
     def _plane(self, st: LabelledStack, axis: int) -> tuple[np.ndarray, np.ndarray]:
         i = int(self.rng.integers(st.labels.shape[axis]))
@@ -144,6 +146,12 @@ class CropSampler:
                 h, w = lab.shape
             y = int(self.rng.integers(h - t + 1))
             x = int(self.rng.integers(w - t + 1))
+            if self.p_foreground > 0 and self.rng.random() < self.p_foreground:
+                fg = np.flatnonzero(lab)
+                if len(fg):  # a random labelled pixel, then a random crop that holds it
+                    py, px = divmod(int(fg[int(self.rng.integers(len(fg)))]), w)
+                    y = int(self.rng.integers(max(0, py - t + 1), min(py, h - t) + 1))
+                    x = int(self.rng.integers(max(0, px - t + 1), min(px, w - t) + 1))
             imgs[b] = img[:, y : y + t, x : x + t]
             labs[b] = lab[y : y + t, x : x + t]
             if self.match is not None and self.rng.random() < self.match_p:

@@ -71,7 +71,7 @@ class TrainConfig(Strict):
     momentum: float = 0.9
     poly_power: float = 0.9
     warmup: int = 0
-    loss: Literal["ce", "dice", "ce_dice"] = "ce_dice"
+    loss: Literal["ce", "dice", "ce_dice", "retina"] = "ce_dice"  # retina: 0.5 CE + 0.5 Dice
     log_every: int = Field(25, gt=0)
     val_every: int = Field(250, gt=0)
     checkpoint_every: int = Field(250, gt=0)
@@ -105,6 +105,14 @@ class TileConfig(Strict):
 
 class FinetuneConfig(StageConfig):
     run_dir: Path = Path("runs/finetune")
+    # a paper's parameters (vemscale.train.recipes): they replace the config file's, command-line keys win
+    recipe: Literal["none", "retina"] = "none"
+
+    @classmethod
+    def recipe_values(cls, name: str) -> dict[str, Any]:
+        from vemscale.train.recipes import recipe_values
+
+        return recipe_values(name, "finetune")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

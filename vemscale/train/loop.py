@@ -49,12 +49,18 @@ class SegmentationStep:
         self.std = torch.tensor(normalizer.std, dtype=torch.float32, device=device).view(1, c, 1, 1)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __call__(self, imgs: np.ndarray, labs: np.ndarray, lr: float) -> float:
-        x = torch.from_numpy(imgs).to(self.device, non_blocking=True).float()
-        x = (x / self.scale - self.mean) / self.std
+    def _input(self, imgs: np.ndarray, labs: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw crops (and labels; None: zeros) -> the augmented, normalised network input and its labels."""
+        x = torch.from_numpy(imgs).to(self.device, non_blocking=True).float() / self.scale  # [0, 1]
+        labs = labs if labs is not None else np.zeros((len(imgs),) + imgs.shape[-2:], np.int64)
         y = torch.from_numpy(labs).to(self.device, non_blocking=True)
         x, y = geometric(x, y, self.augment, self.gen)
-        x = intensity(x, self.augment, self.gen)
+        if self.augment.brightness_contrast == "albumentations":  # on the [0, 1] image, as the reference
+            return (intensity(x, self.augment, self.gen) - self.mean) / self.std, y
+        return intensity((x - self.mean) / self.std, self.augment, self.gen), y
+
+    def __call__(self, imgs: np.ndarray, labs: np.ndarray, lr: float) -> float:
+        x, y = self._input(imgs, labs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -197,7 +203,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     run_seed = (tcfg["seed"] * 1_000_003 + rank * 10_007 + start) % 2**31
     match = cfg.get("match_reference")
     sampler = CropSampler(stacks, tcfg["crop"], axes, seed=run_seed, match=match,
-                          match_p=dcfg.get("match_histogram_p", 0.5) if match else 0.0)
+                          match_p=dcfg.get("match_histogram_p", 0.5) if match else 0.0,
+                          p_foreground=cfg["augment"].get("p_foreground_crop", 0.0))
     local_batch = tcfg["batch_size"] // world
     total = tcfg["iterations"]
     if mt:

@@ -18,8 +18,28 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - dice[1:].mean() if k > 1 else 1 - dice.mean()
 
 
+def retina_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """RETINA's 0.5 CE + 0.5 Dice (BaderLab/RETINA trainer.py:82-91, utils.py:12-66): two classes are its
+    binary case (softmax over two logits = a sigmoid of their difference; BinaryDiceLoss of the foreground,
+    plain sums), more classes its multi-class DiceLoss (squared sums in the denominator, averaged over every
+    class, background included); each pooled over the batch, smooth 1e-5."""
+    k = logits.shape[1]
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(probs)
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    if k == 2:
+        dice_loss = 1 - (2 * inter[1] + smooth) / (probs[:, 1].sum() + onehot[:, 1].sum() + smooth)
+    else:
+        dice = (2 * inter + smooth) / ((probs * probs).sum(dims) + onehot.sum(dims) + smooth)
+        dice_loss = (1 - dice).mean()
+    return 0.5 * F.cross_entropy(logits.float(), target) + 0.5 * dice_loss
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce_dice") -> torch.Tensor:
-    """`ce`, `dice` or `ce_dice` (their sum) for logits (B,K,H,W) and class ids (B,H,W)."""
+    """`ce`, `dice`, `ce_dice` (their sum) or `retina` (0.5 CE + 0.5 Dice) for logits (B,K,H,W), ids (B,H,W)."""
+    if kind == "retina":
+        return retina_loss(logits, target)
     if kind == "ce":
         return F.cross_entropy(logits.float(), target)
     if kind == "dice":

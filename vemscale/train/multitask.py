@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from vemscale.config import Strict
-from vemscale.train.augment import AugmentConfig, geometric, intensity
+from vemscale.train.augment import AugmentConfig
 from vemscale.train.loop import SegmentationStep
 from vemscale.train.losses import segmentation_loss
 
@@ -74,13 +74,6 @@ class MultitaskStep(SegmentationStep):
             "reconstruction": list(ynet.reconstruction.parameters()),
             "cnn": [p for n, p in ynet.net.named_parameters() if n.startswith("cnn.")],
         }
-
-    def _input(self, imgs: np.ndarray, labs: np.ndarray | None):
-        x = torch.from_numpy(imgs).to(self.device, non_blocking=True).float()
-        x = (x / self.scale - self.mean) / self.std
-        y = torch.from_numpy(labs if labs is not None else np.zeros((len(imgs),) + imgs.shape[-2:], np.int64))
-        x, y = geometric(x, y.to(self.device), self.augment, self.gen)
-        return intensity(x, self.augment, self.gen), y
 
     def __call__(self, imgs: np.ndarray, labs: np.ndarray, target: np.ndarray, lr: float, phase: Phase) -> dict:
         xs, ys = self._input(imgs, labs)

@@ -66,6 +66,14 @@ class PretrainTrainConfig(Strict):
 class PretrainConfig(StageConfig):
     run_dir: Path = Path("runs/pretrain")
     objective: Literal["retina", "moco"] = "retina"
+    # a paper's parameters (vemscale.train.recipes): they replace the config file's, command-line keys win
+    recipe: Literal["none", "retina"] = "none"
+
+    @classmethod
+    def recipe_values(cls, name: str) -> dict[str, Any]:
+        from vemscale.train.recipes import recipe_values
+
+        return recipe_values(name, "pretrain")
     data: list[SourceConfig] = Field(default_factory=list)  # also `data=path` or `data=a,b`
     in_chans: int = Field(1, gt=0)
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)

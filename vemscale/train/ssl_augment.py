@@ -14,6 +14,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from vemscale.config import Strict
@@ -28,6 +30,7 @@ class RetinaAugmentConfig(Strict):
     flips: bool = True  # random horizontal and vertical flips
     rot90: bool = True  # random multiples of 90 degrees
     rotate_degrees: float = Field(0.0, ge=0, le=180)  # plus a uniform angle in +-value (reflection at borders)
+    p_rotate: float = Field(1.0, ge=0, le=1)  # how often that angle is drawn (albumentations Rotate: p)
     p_resized_crop: float = Field(1.0, ge=0, le=1)
     crop_scale: Range = (0.08, 1.0)  # area fraction of the patch
     crop_ratio: Range = (0.5, 1.5)  # aspect ratio w/h (log-uniform)
@@ -35,10 +38,19 @@ class RetinaAugmentConfig(Strict):
     p_brightness_contrast: float = Field(0.5, ge=0, le=1)
     brightness: float = Field(0.3, ge=0)  # additive shift uniform in +-value
     contrast: float = Field(0.3, ge=0, lt=1)  # factor uniform in 1 +- value, around the image mean
+    # brightness/contrast semantics: "mean" scales around the image mean; "albumentations" is
+    # RandomBrightnessContrast with brightness_by_max: alpha * x + beta (contrast around 0)
+    brightness_contrast: Literal["mean", "albumentations"] = "mean"
     p_noise: float = Field(0.5, ge=0, le=1)
-    noise_std: Range = (0.01, 0.05)
+    noise_std: Range = (0.01, 0.05)  # sigma drawn uniformly in this range, unless noise_var is set
+    noise_var: Range | None = None  # variance drawn uniformly (albumentations GaussNoise var_limit / 255^2)
     p_blur: float = Field(0.5, ge=0, le=1)
-    blur_sigma: Range = (0.1, 2.0)  # pixels
+    blur_sigma: Range = (0.1, 2.0)  # pixels, unless blur_kernel is set
+    # albumentations GaussianBlur: an odd kernel size drawn in this range, sigma from OpenCV's rule
+    # 0.3 ((k - 1) / 2 - 1) + 0.8, the kernel cut at k // 2
+    blur_kernel: tuple[int, int] | None = None
+    # the order of the degradations (each clipped to [0, 1], as on 8-bit images)
+    order: tuple[str, ...] = ("brightness_contrast", "blur", "noise", "dropout")
     p_dropout: float = Field(0.5, ge=0, le=1)
     dropout_holes: tuple[int, int] = (1, 32)  # number of holes, uniform in [lo, hi]
     dropout_size: int = Field(16, gt=0)  # square holes of this side
@@ -56,6 +68,15 @@ class RetinaAugmentConfig(Strict):
             raise ValueError("crop_ratio must be positive")
         if self.blur_sigma[1] > 10:
             raise ValueError("blur_sigma above 10 pixels is not supported")
+        if self.noise_var is not None and not 0 <= self.noise_var[0] <= self.noise_var[1]:
+            raise ValueError(f"noise_var must be [lo, hi] with 0 <= lo <= hi, got {list(self.noise_var)}")
+        if self.blur_kernel is not None:
+            lo, hi = self.blur_kernel
+            if not (3 <= lo <= hi <= 31 and lo % 2 and hi % 2):
+                raise ValueError(f"blur_kernel must be odd sizes 3 <= lo <= hi <= 31, got {list(self.blur_kernel)}")
+        steps = {"brightness_contrast", "blur", "noise", "dropout"}
+        if sorted(self.order) != sorted(steps):
+            raise ValueError(f"order must list each of {sorted(steps)} once, got {list(self.order)}")
         return self
 
 
@@ -89,7 +110,8 @@ def affine_params(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device
         cy = (torch.rand(b, generator=gen, device=device) * 2 - 1) * (1 - ey)
     angle = quarter * (math.pi / 2)
     if cfg.rotate_degrees > 0:
-        angle = angle + _uniform(b, -cfg.rotate_degrees, cfg.rotate_degrees, gen, device) * (math.pi / 180)
+        extra = _uniform(b, -cfg.rotate_degrees, cfg.rotate_degrees, gen, device) * (math.pi / 180)
+        angle = angle + torch.where(_coin(b, cfg.p_rotate, gen, device), extra, torch.zeros_like(extra))
     if cfg.flips:
         sx = sx * torch.where(_coin(b, 0.5, gen, device), -1.0, 1.0)
         sy = sy * torch.where(_coin(b, 0.5, gen, device), -1.0, 1.0)
@@ -110,13 +132,16 @@ def geometric(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator, o
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample (sigma <= 0: unchanged)."""
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (sigma <= 0: unchanged); `cut`: per-sample kernel
+    radius (else 3 sigma)."""
     b, c, h, w = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))) if cut is None else int(cut.max()))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.clamp(min=1e-3).to(x.dtype).view(-1, 1)
     k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
+    if cut is not None:
+        k = torch.where(t.view(1, -1).abs() <= cut.view(-1, 1).to(x.dtype), k, torch.zeros_like(k))
     k = k / k.sum(1, keepdim=True)
     delta = (t == 0).to(x.dtype).expand_as(k)
     k = torch.where((sigma > 0).view(-1, 1), k, delta)
@@ -153,27 +178,51 @@ def coarse_dropout(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generat
     return torch.where(mask.unsqueeze(1), torch.full_like(x, cfg.dropout_fill), x), n
 
 
+def noise_std(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample noise sigma on the [0, 1] scale (0 where no noise is drawn)."""
+    if cfg.noise_var is not None:
+        std = _uniform(b, *cfg.noise_var, gen, device).sqrt()
+    else:
+        std = _uniform(b, *cfg.noise_std, gen, device)
+    return torch.where(_coin(b, cfg.p_noise, gen, device), std, torch.zeros_like(std))
+
+
+def blur_sigma(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample blur sigma (0 where no blur is drawn) and kernel radius (None: 3 sigma)."""
+    use = _coin(b, cfg.p_blur, gen, device)
+    if cfg.blur_kernel is not None:
+        lo, hi = cfg.blur_kernel
+        k = 2 * torch.randint(lo // 2, hi // 2 + 1, (b,), generator=gen, device=device) + 1
+        sigma = 0.3 * ((k.float() - 1) * 0.5 - 1) + 0.8  # OpenCV getGaussianKernel's sigma for ksize k
+        return torch.where(use, sigma, torch.zeros_like(sigma)), k // 2
+    sigma = _uniform(b, *cfg.blur_sigma, gen, device)
+    return torch.where(use, sigma, torch.zeros_like(sigma)), None
+
+
 def degrade(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Brightness/contrast, blur, noise (clipped to [0, 1]) and coarse dropout of x (B, C, H, W) in [0, 1]."""
+    """Brightness/contrast, blur, noise and coarse dropout of x (B, C, H, W) in [0, 1], in `cfg.order`, each
+    clipped to [0, 1] (as the references' 8-bit images are)."""
     b, dev = x.shape[0], x.device
-    if cfg.p_brightness_contrast > 0:
-        use = _coin(b, cfg.p_brightness_contrast, gen, dev).view(-1, 1, 1, 1)
-        alpha = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev).view(-1, 1, 1, 1)
-        beta = _uniform(b, -cfg.brightness, cfg.brightness, gen, dev).view(-1, 1, 1, 1)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = torch.where(use, (x - mean) * alpha + mean + beta, x)
-    if cfg.p_blur > 0:
-        sigma = _uniform(b, *cfg.blur_sigma, gen, dev)
-        sigma = torch.where(_coin(b, cfg.p_blur, gen, dev), sigma, torch.zeros_like(sigma))
-        if bool((sigma > 0).any()):
-            x = _gaussian_blur(x, sigma)
-    if cfg.p_noise > 0:
-        std = _uniform(b, *cfg.noise_std, gen, dev)
-        std = torch.where(_coin(b, cfg.p_noise, gen, dev), std, torch.zeros_like(std))
-        x = x + torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) * std.view(-1, 1, 1, 1)
-    x = x.clamp(0, 1)
-    if cfg.p_dropout > 0:
-        x, _ = coarse_dropout(x, cfg, gen)
+    for step in cfg.order:
+        if step == "brightness_contrast" and cfg.p_brightness_contrast > 0:
+            use = _coin(b, cfg.p_brightness_contrast, gen, dev).view(-1, 1, 1, 1)
+            alpha = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, gen, dev).view(-1, 1, 1, 1)
+            beta = _uniform(b, -cfg.brightness, cfg.brightness, gen, dev).view(-1, 1, 1, 1)
+            if cfg.brightness_contrast == "albumentations":
+                y = x * alpha + beta
+            else:
+                mean = x.mean(dim=(1, 2, 3), keepdim=True)
+                y = (x - mean) * alpha + mean + beta
+            x = torch.where(use, y, x).clamp(0, 1)
+        elif step == "blur" and cfg.p_blur > 0:
+            sigma, cut = blur_sigma(b, cfg, gen, dev)
+            if bool((sigma > 0).any()):
+                x = _gaussian_blur(x, sigma, cut).clamp(0, 1)
+        elif step == "noise" and cfg.p_noise > 0:
+            std = noise_std(b, cfg, gen, dev)
+            x = (x + torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) * std.view(-1, 1, 1, 1)).clamp(0, 1)
+        elif step == "dropout" and cfg.p_dropout > 0:
+            x, _ = coarse_dropout(x, cfg, gen)
     return x
 
 

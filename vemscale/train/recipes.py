@@ -1,0 +1,105 @@
+"""Named recipes: every parameter a paper's reference code sets, as config defaults under the user's keys.
+
+    vemscale pretrain configs/pretrain_retina.yaml recipe=retina
+    vemscale finetune configs/finetune_vnc_mito.yaml recipe=retina init=runs/pretrain_retina/checkpoint
+
+A recipe's values replace the config file's (logged); keys given on the command line win over them. Budget keys
+(iterations, batch size, workers) stay the user's: the references ran 256-image batches for 200 epochs on 16
+GPUs. Values were read from BaderLab/RETINA (docs/recipes_reference.md has every one with its line).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RECIPES", "recipe_values"]
+
+# RETINA reconstruction pre-training: BaderLab/RETINA pretrainer.py / pretrain.py (albumentations 1.x defaults)
+RETINA_PRETRAIN: dict[str, Any] = {
+    "objective": "retina",  # pretrainer.py:145 MSE between output and the clean, normalised target
+    "normalization": {"mean": [0.57287007], "std": [0.12740536]},  # pretrainer.py:114 (CEM500K norms)
+    "train": {
+        "crop": 224,  # pretrainer.py:120 RandomResizedCrop(224, 224)
+        "optimizer": "sgd",  # pretrainer.py:146 SGD
+        "lr": 0.003,  # pretrain.py:110
+        "momentum": 0.9,  # pretrainer.py:146
+        "weight_decay": 1e-4,  # pretrainer.py:146
+        "poly_power": 0.9,  # pretrainer.py:168-170 lr (1 - it / max_it) ** 0.9
+        "warmup": 0,  # pretrainer.py:168-170: no warm-up
+    },
+    "augment": {
+        "flips": True,  # pretrainer.py:117-118 HorizontalFlip, VerticalFlip p 0.5
+        "rot90": False,  # pretrainer.py:116-121: no RandomRotate90
+        "rotate_degrees": 90.0,  # pretrainer.py:119 Rotate(limit=90)
+        "p_rotate": 0.5,  # pretrainer.py:119 (albumentations default p 0.5)
+        "p_resized_crop": 1.0,  # pretrainer.py:120 (default p 1.0)
+        "crop_scale": (0.08, 1.0),  # pretrainer.py:120
+        "crop_ratio": (0.5, 1.5),  # pretrainer.py:120
+        "p_brightness_contrast": 0.5,  # pretrainer.py:123 RandomBrightnessContrast (default p 0.5)
+        "brightness": 0.3,  # pretrainer.py:123 brightness_limit
+        "contrast": 0.3,  # pretrainer.py:123 contrast_limit
+        "brightness_contrast": "albumentations",  # brightness_by_max=True default: alpha x + beta
+        "p_noise": 0.5,  # pretrainer.py:124 GaussNoise (default p 0.5)
+        "noise_var": (400 / 255**2, 1200 / 255**2),  # pretrain.py:111 var_limit (400, 1200) on 0-255
+        "p_blur": 0.5,  # pretrainer.py:125 GaussianBlur() (default p 0.5)
+        "blur_kernel": (3, 7),  # GaussianBlur default blur_limit (3, 7), sigma_limit 0 (OpenCV's rule)
+        "p_dropout": 0.5,  # pretrainer.py:128 CoarseDropout (default p 0.5)
+        "dropout_holes": (1, 32),  # pretrain.py:112 max_holes 32, min_holes 1
+        "dropout_size": 16,  # pretrainer.py:128 max_height = max_width = 16 (min_* default to max_*)
+        "dropout_fill": 0.0,  # CoarseDropout fill_value 0 on the 8-bit image
+        "order": ("brightness_contrast", "noise", "blur", "dropout"),  # pretrainer.py:122-129 augs2 order
+    },
+}
+
+# RETINA fine-tuning: BaderLab/RETINA train.py / trainer.py, benchmark YAMLs at 11f75e1
+RETINA_FINETUNE: dict[str, Any] = {
+    "transfer": "retina",  # train.py:144-150 all keys but decoder and segmentation_head
+    "freeze": "vit_blocks",  # train.py:151-159 transformer.encoder.* frozen for the whole run
+    "train": {
+        "crop": 224,  # cremi.yaml:48-60 CropNonEmptyMaskIfExists / RandomResizedCrop 224
+        "optimizer": "sgd",  # trainer.py:94 SGD (the YAML's optim/wd keys are never read)
+        "lr": 0.003,  # cremi.yaml:28 lr 0.003 (every benchmark)
+        "momentum": 0.9,  # trainer.py:94
+        "weight_decay": 1e-4,  # trainer.py:94
+        "poly_power": 0.9,  # trainer.py:131-133
+        "warmup": 0,  # trainer.py:131-133: no warm-up
+        "loss": "retina",  # trainer.py:89-91, 121-124: 0.5 CE + 0.5 Dice (smooth 1e-5)
+    },
+    "augment": {
+        "flips": True,  # cremi.yaml:66-67 HorizontalFlip, VerticalFlip p 0.5
+        "rot90": False,  # no RandomRotate90 in the benchmark YAMLs
+        "rotate_degrees": 180.0,  # cremi.yaml:61-62 Rotate(limit=180)
+        "p_rotate": 0.5,  # Rotate default p 0.5
+        "p_resized_crop": 1.0,  # cremi.yaml:52-60 RandomResizedCrop (default p 1.0)
+        "crop_scale": (0.08, 1.0),  # cremi.yaml:52-60
+        "crop_ratio": (0.5, 1.5),  # cremi.yaml:52-60
+        "p_brightness_contrast": 0.5,  # cremi.yaml:63-65 RandomBrightnessContrast (default p 0.5)
+        "brightness": 0.3,  # cremi.yaml:63-65
+        "contrast": 0.3,  # cremi.yaml:63-65
+        "brightness_contrast": "albumentations",  # brightness_by_max default: alpha x + beta on [0, 1]
+        "p_foreground_crop": 0.8,  # cremi.yaml:48-51 CropNonEmptyMaskIfExists p 0.8
+    },
+}
+
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "retina": {"pretrain": RETINA_PRETRAIN, "finetune": RETINA_FINETUNE},
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def recipe_values(name: str, stage: str) -> dict[str, Any]:
+    """The config keys recipe `name` sets for `stage` (pretrain | finetune), as plain YAML-like values."""
+    if name not in RECIPES or stage not in RECIPES[name]:
+        from vemscale.config import ConfigError
+
+        known = sorted(r for r in RECIPES if stage in RECIPES[r])
+        raise ConfigError(f"recipe {name!r} has no {stage} values; known recipes: {known} (or none)")
+    return _plain(RECIPES[name][stage])
