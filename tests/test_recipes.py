@@ -39,6 +39,30 @@ RETINA_FINETUNE_REFERENCE = [
     ("augment.p_foreground_crop", 0.8),
 ]
 
+# written from volume-em/cem-dataset pretraining/mocov2 (mocov2_config.yaml, train_mocov2.py:179-189, dataset.py)
+CEM500K_PRETRAIN_REFERENCE = [
+    ("objective", "moco"), ("model.name", "unet_resnet50"), ("moco.dim", 128), ("moco.queue", 65536),
+    ("moco.momentum", 0.999), ("moco.temperature", 0.2), ("moco.hidden", 2048), ("train.optimizer", "sgd"),
+    ("train.lr", 0.015), ("train.momentum", 0.9), ("train.weight_decay", 1e-4), ("train.schedule", "step"),
+    ("train.milestones", (120 / 200, 160 / 200)), ("train.gamma", 0.1), ("train.crop", 224),
+    ("normalization.mean", [0.57287007]), ("normalization.std", [0.12740536]),
+    ("augment.rot90", False), ("augment.rotate_degrees", 180.0), ("augment.p_rotate", 0.5), ("augment.padding", "zeros"),
+    ("augment.p_resized_crop", 1.0), ("augment.crop_scale", (0.2, 1.0)), ("augment.crop_ratio", (3 / 4, 4 / 3)),
+    ("augment.p_brightness_contrast", 1.0), ("augment.brightness", 0.4), ("augment.contrast", 0.4),
+    ("augment.brightness_contrast", "torchvision"), ("augment.p_blur", 0.5), ("augment.blur_sigma", (0.1, 2.0)),
+    ("augment.p_noise", 0.5), ("augment.noise_var", (1e-5, 1e-4)), ("augment.noise_log_var", True),
+    ("augment.p_dropout", 0.0),
+]
+# written from volume-em/cem-dataset evaluation/finetune.py, train_utils.py, benchmark_configs/lucchi_pp.yaml
+CEM500K_FINETUNE_REFERENCE = [
+    ("model.name", "unet_resnet50"), ("transfer", "encoder"), ("freeze", "encoder"), ("train.optimizer", "adamw"),
+    ("train.lr", 0.003), ("train.weight_decay", 0.1), ("train.schedule", "onecycle"), ("train.loss", "ce"),
+    ("train.crop", 512), ("data.mean", [0.57287007]), ("data.std", [0.12740536]), ("augment.rotate_degrees", 180.0),
+    ("augment.p_rotate", 0.5), ("augment.p_resized_crop", 1.0), ("augment.crop_scale", (0.08, 1.0)),
+    ("augment.crop_ratio", (0.5, 1.5)), ("augment.p_brightness_contrast", 0.5), ("augment.brightness", 0.3),
+    ("augment.contrast", 0.3), ("augment.brightness_contrast", "albumentations"),
+]
+
 
 def _get(cfg, path: str):
     for part in path.split("."):
@@ -46,12 +70,14 @@ def _get(cfg, path: str):
     return cfg
 
 
-@pytest.mark.parametrize("model, config, reference", [
-    (PretrainConfig, "configs/pretrain_retina.yaml", RETINA_PRETRAIN_REFERENCE),
-    (FinetuneConfig, "configs/finetune_vnc_mito.yaml", RETINA_FINETUNE_REFERENCE),
+@pytest.mark.parametrize("recipe, model, config, reference", [
+    ("retina", PretrainConfig, "configs/pretrain_retina.yaml", RETINA_PRETRAIN_REFERENCE),
+    ("retina", FinetuneConfig, "configs/finetune_vnc_mito.yaml", RETINA_FINETUNE_REFERENCE),
+    ("cem500k", PretrainConfig, "configs/pretrain_moco.yaml", CEM500K_PRETRAIN_REFERENCE),
+    ("cem500k", FinetuneConfig, "configs/finetune_vnc_mito.yaml", CEM500K_FINETUNE_REFERENCE),
 ])
-def test_retina_recipe_sets_the_reference_codes_values_over_the_config_file(model, config, reference):
-    cfg = load_config(model, config, ["recipe=retina"])
+def test_recipes_set_the_reference_codes_values_over_the_config_file(recipe, model, config, reference):
+    cfg = load_config(model, config, [f"recipe={recipe}"])
     for path, value in reference:
         got = _get(cfg, path)
         if isinstance(value, (tuple, list)):
@@ -161,3 +187,33 @@ def test_retina_loss_equals_its_formula_binary_and_multiclass():
         per.append(1 - (2 * (s * t).sum() + 1e-5) / ((s * s).sum() + (t * t).sum() + 1e-5))
     ref = 0.5 * F.cross_entropy(logits, target) + 0.5 * sum(per) / 4
     assert float(retina_loss(logits, target)) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_step_and_onecycle_schedules_equal_torchs_schedulers():
+    from vemscale.train.schedule import lr_at
+
+    total = 50
+    w = [torch.nn.Parameter(torch.zeros(1))]
+    sgd = torch.optim.SGD(w, lr=0.015, momentum=0.9)
+    step = torch.optim.lr_scheduler.MultiStepLR(sgd, milestones=[30, 40], gamma=0.1)  # 0.6, 0.8 of 50
+    adamw = torch.optim.AdamW(w, lr=0.003, weight_decay=0.1)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(adamw, max_lr=0.003, total_steps=total)
+    for it in range(total):
+        lr, mom = lr_at({"lr": 0.015, "schedule": "step", "milestones": (0.6, 0.8), "gamma": 0.1}, it, total)
+        assert lr == pytest.approx(sgd.param_groups[0]["lr"], rel=1e-9) and mom is None
+        lr, mom = lr_at({"lr": 0.003, "schedule": "onecycle"}, it, total)
+        assert lr == pytest.approx(adamw.param_groups[0]["lr"], rel=1e-9), it
+        assert mom == pytest.approx(adamw.param_groups[0]["betas"][0], rel=1e-9), it
+        sgd.step(), step.step(), adamw.step(), cycle.step()
+
+
+def test_cem500k_noise_variance_is_log_uniform_in_its_range():
+    from vemscale.train.ssl_augment import degrade
+
+    aug = load_config(PretrainConfig, None, ["recipe=cem500k"]).augment
+    only_noise = aug.model_copy(update={"p_brightness_contrast": 0.0, "p_blur": 0.0, "p_noise": 1.0})
+    out = degrade(torch.full((400, 1, 128, 128), 0.5), only_noise, torch.Generator().manual_seed(5))
+    var = (out - 0.5).flatten(1).var(dim=1)
+    assert var.min() > 1e-5 * 0.95 and var.max() < 1e-4 * 1.05
+    logs = np.log10(var.numpy())
+    assert abs(float(np.median(logs)) + 4.5) < 0.08  # log-uniform: the median is the geometric middle, 10^-4.5

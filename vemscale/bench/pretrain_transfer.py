@@ -3,6 +3,8 @@ datasets in ../shared/data, fine-tune on 2 labelled slices of VNC mitochondria f
 random init (same iterations, seeds, crops, normalisation), and compare held-out IoU on slices 16-19.
 
     python -m vemscale.bench.pretrain_transfer --out runs/compare_pretrain                      # full length (~2.5 h on 2 cores)
+    python -m vemscale.bench.pretrain_transfer --out runs/compare_retina --recipe retina --seeds 0,1,2,3,4,5 \
+        --crop 224 --arms random,retina,all                                                     # RETINA's recipe, 6 seeds
     python -m vemscale.bench.pretrain_transfer --out /tmp/cmp --pretrain-iterations 4 \\
         --finetune-iterations 4 --seeds 0 --crop 64 --pretrain-crop 64                           # smoke run
 
@@ -26,26 +28,27 @@ ARMS = {"random": (None, "none"), "retina": ("retina", "vit_blocks"), "frozen": 
 
 
 def run_pretrain(args) -> Path:
-    from vemscale.config import build_config
+    from vemscale.config import build_config, layer
     from vemscale.train.pretrain import PretrainConfig, pretrain
 
     run_dir = args.out / "pretrain"
     final = run_dir / "checkpoint"
     if final.is_dir() and json.loads((final / "vemscale.json").read_text())["iteration"] >= args.pretrain_iterations:
         return final
-    cfg = build_config(PretrainConfig, {
-        "run_dir": str(run_dir),
+    lr = {} if args.pretrain_lr is None else {"lr": args.pretrain_lr}  # else the recipe's (or the default 0.01)
+    cfg = build_config(PretrainConfig, layer(PretrainConfig, {}, {
+        "run_dir": str(run_dir), "recipe": args.recipe,
         "data": [str(DATA / d / "test_unlabeled" / "image.tif") for d in UNLABELED],
         "model": {"name": "tiny"},
         "train": {"iterations": args.pretrain_iterations, "batch_size": args.pretrain_batch, "crop": args.pretrain_crop,
-                  "lr": args.pretrain_lr, "log_every": 25, "checkpoint_every": 250, "preview_every": 250, "seed": 0},
+                  **lr, "log_every": 25, "checkpoint_every": 250, "preview_every": 250, "seed": 0},
         "workers": args.workers,
-    })
+    }))
     return Path(pretrain(cfg)["checkpoint"])
 
 
 def run_finetune(args, arm: str, seed: int, init: Path, norm: dict) -> dict:
-    from vemscale.config import build_config
+    from vemscale.config import build_config, layer
     from vemscale.train.finetune import FinetuneConfig, finetune
 
     run_dir = args.out / f"{arm}_seed{seed}"
@@ -55,16 +58,17 @@ def run_finetune(args, arm: str, seed: int, init: Path, norm: dict) -> dict:
     transfer, freeze = ARMS[arm]
     vnc = lambda s: {"image": str(DATA / "vnc_drosophila_sstem/train/image.tif"),  # noqa: E731
                      "labels": str(DATA / "vnc_drosophila_sstem/train/labels_mitochondria.tif"), "slices": s}
-    cfg = build_config(FinetuneConfig, {
-        "run_dir": str(run_dir),
+    # the recipe's values, then this arm's: its transfer/freeze, crops, batch, length and seed win
+    cfg = build_config(FinetuneConfig, layer(FinetuneConfig, {}, {
+        "run_dir": str(run_dir), "recipe": args.recipe,
         "data": {"train": [vnc(args.train_slices)], "val": [vnc("16:20")], "classes": ["background", "mitochondria"],
                  "mean": norm["mean"], "std": norm["std"]},  # the same normalisation in every arm
         "model": {"name": "tiny"},
         "train": {"iterations": args.finetune_iterations, "batch_size": args.batch, "crop": args.crop, "seed": seed,
                   "val_every": args.finetune_iterations, "checkpoint_every": max(50, args.finetune_iterations // 4),
                   "log_every": 25, "workers": 1},
-        **({"init": str(init), "transfer": transfer, "freeze": freeze} if transfer else {}),
-    })
+        **({"init": str(init), "transfer": transfer, "freeze": freeze} if transfer else {"transfer": "all", "freeze": "none"}),
+    }))
     m = finetune(cfg)["metrics"]
     out = {"arm": arm, "seed": seed, "val_iou": m["val_iou"], "iteration": m["iteration"]}
     done.write_text(json.dumps(out))
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pretrain-iterations", type=int, default=1500)
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--pretrain-crop", type=int, default=128)
-    p.add_argument("--pretrain-lr", type=float, default=0.01)
+    p.add_argument("--pretrain-lr", type=float, default=None, help="default: the recipe's (none: 0.01)")
+    p.add_argument("--recipe", default="none", help="none | retina: the papers' values for pre-training and every arm")
     p.add_argument("--finetune-iterations", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=256)

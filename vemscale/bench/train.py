@@ -49,7 +49,8 @@ def plain_loop(args, cfg, derived) -> float:
     from vemscale.models import create_model
     from vemscale.train.augment import AugmentConfig
     from vemscale.train.data import CropSampler, load_labelled
-    from vemscale.train.loop import SegmentationStep, make_optimizer, poly_lr
+    from vemscale.train.loop import SegmentationStep, make_optimizer
+    from vemscale.train.schedule import poly_lr
 
     torch.set_num_threads(args.threads)
     src = cfg.data.train[0]

@@ -71,6 +71,11 @@ class TrainConfig(Strict):
     momentum: float = 0.9
     poly_power: float = 0.9
     warmup: int = 0
+    # poly (RETINA) | step (lr x gamma at each milestone, fractions of the run: CEM500K MoCoV2's epochs 120 and
+    # 160 of 200) | onecycle (PyTorch OneCycleLR defaults: CEM500K's fine-tuning); vemscale.train.schedule
+    schedule: Literal["poly", "step", "onecycle"] = "poly"
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    gamma: float = Field(0.1, gt=0)
     loss: Literal["ce", "dice", "ce_dice", "retina"] = "ce_dice"  # retina: 0.5 CE + 0.5 Dice
     log_every: int = Field(25, gt=0)
     val_every: int = Field(250, gt=0)
@@ -106,7 +111,7 @@ class TileConfig(Strict):
 class FinetuneConfig(StageConfig):
     run_dir: Path = Path("runs/finetune")
     # a paper's parameters (vemscale.train.recipes): they replace the config file's, command-line keys win
-    recipe: Literal["none", "retina"] = "none"
+    recipe: Literal["none", "retina", "cem500k"] = "none"
 
     @classmethod
     def recipe_values(cls, name: str) -> dict[str, Any]:

@@ -21,15 +21,9 @@ from vemscale.infer.tiling import Normalizer, TileGrid, numpy_reader, predict_bl
 from vemscale.train.augment import AugmentConfig, geometric, intensity
 from vemscale.train.data import CropSampler, LabelledStack, load_labelled, plane_axes
 from vemscale.train.losses import segmentation_loss
+from vemscale.train.schedule import lr_at, set_schedule
 
 log = logging.getLogger(__name__)
-
-
-def poly_lr(base_lr: float, it: int, total: int, power: float, warmup: int = 0) -> float:
-    """Poly decay (1 - it/total)^power after an optional linear warm-up."""
-    if warmup and it < warmup:
-        return base_lr * (it + 1) / warmup
-    return base_lr * (1 - min(it, total - 1) / total) ** power
 
 
 def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
@@ -236,7 +230,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for it in range(start, total):
         t0 = time.perf_counter()
         imgs, labs = sampler.sample(local_batch)
-        lr = poly_lr(tcfg["lr"], it, total, tcfg["poly_power"], tcfg["warmup"])
+        lr, momentum = lr_at(tcfg, it, total)
+        set_schedule(optimizer, lr, momentum)
         if mt:
             phase = phase_at(mt, it, total)
             out = step(imgs, labs, target_sampler.sample(local_batch)[0], lr, phase)

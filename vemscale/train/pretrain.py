@@ -54,6 +54,11 @@ class PretrainTrainConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     warmup: int = Field(0, ge=0)
+    # poly (RETINA) | step (lr x gamma at each milestone, fractions of the run: CEM500K MoCoV2's epochs 120 and
+    # 160 of 200) | onecycle (PyTorch OneCycleLR defaults: CEM500K's fine-tuning); vemscale.train.schedule
+    schedule: Literal["poly", "step", "onecycle"] = "poly"
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    gamma: float = Field(0.1, gt=0)
     log_every: int = Field(25, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
@@ -67,7 +72,7 @@ class PretrainConfig(StageConfig):
     run_dir: Path = Path("runs/pretrain")
     objective: Literal["retina", "moco"] = "retina"
     # a paper's parameters (vemscale.train.recipes): they replace the config file's, command-line keys win
-    recipe: Literal["none", "retina"] = "none"
+    recipe: Literal["none", "retina", "cem500k"] = "none"
 
     @classmethod
     def recipe_values(cls, name: str) -> dict[str, Any]:

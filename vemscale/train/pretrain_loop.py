@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from vemscale.checkpoint import WEIGHTS_FILE, CheckpointMeta, load_train_state, save_checkpoint
-from vemscale.train.loop import make_optimizer, poly_lr, resume_checkpoint
+from vemscale.train.loop import make_optimizer, resume_checkpoint
+from vemscale.train.schedule import lr_at, set_schedule
 from vemscale.train.moco import MoCo, MocoConfig
 from vemscale.train.ssl_augment import Normalize, RetinaAugmentConfig, retina_pair, two_views
 
@@ -185,7 +186,8 @@ def pretrain_loop_per_worker(cfg: dict[str, Any]) -> None:
             assert got_it == it, (got_it, it)
             done = it + 1
             due_preview = rank == 0 and tcfg["preview_every"] and (done % tcfg["preview_every"] == 0 or done == total)
-            lr = poly_lr(tcfg["lr"], it, total, tcfg["poly_power"], tcfg["warmup"])
+            lr, momentum = lr_at(tcfg, it, total)
+            set_schedule(optimizer, lr, momentum)
             out = step(batch, lr, keep=tcfg["preview_images"] if due_preview else 0)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v

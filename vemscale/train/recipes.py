@@ -84,8 +84,90 @@ RETINA_FINETUNE: dict[str, Any] = {
     },
 }
 
+CEM500K_NORM = {"mean": [0.57287007], "std": [0.12740536]}  # cem-dataset mocov2_config.yaml:35-37
+
+# CEM500K MoCoV2 pre-training: volume-em/cem-dataset pretraining/mocov2 (train_mocov2.py, mocov2_config.yaml)
+CEM500K_PRETRAIN: dict[str, Any] = {
+    "objective": "moco",  # train_mocov2.py:140 InfoNCE over the queue
+    "model": {"name": "unet_resnet50"},  # mocov2_config.yaml:6 resnet50 (1-channel), fine-tuned as smp UNet
+    "normalization": CEM500K_NORM,
+    "moco": {
+        "dim": 128,  # mocov2_config.yaml:26
+        "queue": 65536,  # mocov2_config.yaml:27 K
+        "momentum": 0.999,  # mocov2_config.yaml:28 m
+        "temperature": 0.2,  # mocov2_config.yaml:29 T
+        "hidden": 2048,  # builder.py:33-36 MLP head Linear(2048, 2048)-ReLU-Linear(2048, 128)
+    },
+    "train": {
+        "crop": 224,  # train_mocov2.py:181 RandomResizedCrop(224)
+        "optimizer": "sgd",  # train_mocov2.py:142-144
+        "lr": 0.015,  # mocov2_config.yaml:12
+        "momentum": 0.9,  # mocov2_config.yaml:16
+        "weight_decay": 1e-4,  # mocov2_config.yaml:17
+        "schedule": "step",  # mocov2_config.yaml:13-15, 32: cos False, x0.1 at epochs 120 and 160
+        "milestones": (0.6, 0.8),  # 120 / 200 and 160 / 200 epochs (mocov2_config.yaml:8 epochs 200)
+        "gamma": 0.1,  # train_mocov2.py:356-366
+        "warmup": 0,  # no warm-up
+    },
+    "augment": {
+        "flips": True,  # train_mocov2.py:185-186 RandomHorizontalFlip, RandomVerticalFlip (p 0.5)
+        "rot90": False,  # no 90-degree rotations
+        "rotate_degrees": 180.0,  # train_mocov2.py:180 RandomRotation(180)
+        "p_rotate": 0.5,  # train_mocov2.py:180 RandomApply p 0.5
+        "padding": "zeros",  # torchvision RandomRotation fill 0
+        "p_resized_crop": 1.0,  # train_mocov2.py:181 always
+        "crop_scale": (0.2, 1.0),  # train_mocov2.py:181 scale
+        "crop_ratio": (3 / 4, 4 / 3),  # torchvision RandomResizedCrop default ratio
+        "p_brightness_contrast": 1.0,  # train_mocov2.py:182 ColorJitter, not in RandomApply
+        "brightness": 0.4,  # train_mocov2.py:182 ColorJitter(0.4, 0.4, ...)
+        "contrast": 0.4,  # train_mocov2.py:182 (saturation, hue: no effect on grey images)
+        "brightness_contrast": "torchvision",  # ColorJitter semantics
+        "p_blur": 0.5,  # train_mocov2.py:183 RandomApply p 0.5
+        "blur_sigma": (0.1, 2.0),  # dataset.py:103-112 GaussianBlur sigma U(0.1, 2)
+        "blur_kernel": None,  # a Gaussian of that sigma (PIL radius = sigma)
+        "p_noise": 0.5,  # train_mocov2.py:188 GaussNoise p 0.5
+        "noise_var": (1e-5, 1e-4),  # dataset.py:114-127 variance on the [0, 1] scale
+        "noise_log_var": True,  # dataset.py:114-127 log-uniform
+        "p_dropout": 0.0,  # no CoarseDropout
+        "order": ("brightness_contrast", "blur", "noise", "dropout"),  # train_mocov2.py:182-188
+    },
+}
+
+# CEM500K fine-tuning of UNet-ResNet50: volume-em/cem-dataset evaluation/ (finetune.py, train_utils.py,
+# benchmark_configs/lucchi_pp.yaml for the dataset-dependent values)
+CEM500K_FINETUNE: dict[str, Any] = {
+    "model": {"name": "unet_resnet50"},  # finetune.py:99 smp.Unet('resnet50', in_channels=1)
+    "transfer": "encoder",  # utils.py:14-26 encoder_q.* (not fc) -> encoder.*
+    "freeze": "encoder",  # finetune.py:133-164 finetune_layer none: the encoder frozen for the whole run
+    "data": {"mean": CEM500K_NORM["mean"], "std": CEM500K_NORM["std"]},  # finetune.py:90-96 the checkpoint's norms
+    "train": {
+        "crop": 512,  # lucchi_pp.yaml:77-82 PadIfNeeded / RandomResizedCrop 512
+        "optimizer": "adamw",  # train_utils.py:65-69 AdamW
+        "lr": 0.003,  # lucchi_pp.yaml:38-41
+        "weight_decay": 0.1,  # lucchi_pp.yaml:38-41
+        "schedule": "onecycle",  # lucchi_pp.yaml:43 OneCycle (train_utils.py:74-76, PyTorch defaults)
+        "warmup": 0,
+        "loss": "ce",  # train_utils.py:86-96 BCE / CE, no Dice
+    },
+    "augment": {
+        "flips": True,  # finetune.py:172-193 HorizontalFlip, VerticalFlip p 0.5
+        "rot90": False,
+        "rotate_degrees": 180.0,  # Rotate(limit=180)
+        "p_rotate": 0.5,  # Rotate default p 0.5
+        "p_resized_crop": 1.0,  # RandomResizedCrop (default p 1)
+        "crop_scale": (0.08, 1.0),  # lucchi_pp.yaml augmentations
+        "crop_ratio": (0.5, 1.5),
+        "p_brightness_contrast": 0.5,  # RandomBrightnessContrast (default p 0.5)
+        "brightness": 0.3,
+        "contrast": 0.3,
+        "brightness_contrast": "albumentations",
+        "p_foreground_crop": 0.0,  # lucchi_pp has no CropNonEmptyMaskIfExists (cremi, kasthuri_pp do: p 0.8)
+    },
+}
+
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "retina": {"pretrain": RETINA_PRETRAIN, "finetune": RETINA_FINETUNE},
+    "cem500k": {"pretrain": CEM500K_PRETRAIN, "finetune": CEM500K_FINETUNE},
 }
 
 

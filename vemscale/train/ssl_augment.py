@@ -31,6 +31,7 @@ class RetinaAugmentConfig(Strict):
     rot90: bool = True  # random multiples of 90 degrees
     rotate_degrees: float = Field(0.0, ge=0, le=180)  # plus a uniform angle in +-value (reflection at borders)
     p_rotate: float = Field(1.0, ge=0, le=1)  # how often that angle is drawn (albumentations Rotate: p)
+    padding: Literal["reflection", "zeros"] = "reflection"  # outside the image: mirrored, or 0 (torchvision fill)
     p_resized_crop: float = Field(1.0, ge=0, le=1)
     crop_scale: Range = (0.08, 1.0)  # area fraction of the patch
     crop_ratio: Range = (0.5, 1.5)  # aspect ratio w/h (log-uniform)
@@ -39,11 +40,13 @@ class RetinaAugmentConfig(Strict):
     brightness: float = Field(0.3, ge=0)  # additive shift uniform in +-value
     contrast: float = Field(0.3, ge=0, lt=1)  # factor uniform in 1 +- value, around the image mean
     # brightness/contrast semantics: "mean" scales around the image mean; "albumentations" is
-    # RandomBrightnessContrast with brightness_by_max: alpha * x + beta (contrast around 0)
-    brightness_contrast: Literal["mean", "albumentations"] = "mean"
+    # RandomBrightnessContrast with brightness_by_max: alpha * x + beta (contrast around 0); "torchvision" is
+    # ColorJitter: x * b and a blend with the image mean by c, in random order, b, c uniform in 1 +- value
+    brightness_contrast: Literal["mean", "albumentations", "torchvision"] = "mean"
     p_noise: float = Field(0.5, ge=0, le=1)
     noise_std: Range = (0.01, 0.05)  # sigma drawn uniformly in this range, unless noise_var is set
     noise_var: Range | None = None  # variance drawn uniformly (albumentations GaussNoise var_limit / 255^2)
+    noise_log_var: bool = False  # with noise_var: log-uniform variance (CEM500K's GaussNoise)
     p_blur: float = Field(0.5, ge=0, le=1)
     blur_sigma: Range = (0.1, 2.0)  # pixels, unless blur_kernel is set
     # albumentations GaussianBlur: an odd kernel size drawn in this range, sigma from OpenCV's rule
@@ -70,6 +73,8 @@ class RetinaAugmentConfig(Strict):
             raise ValueError("blur_sigma above 10 pixels is not supported")
         if self.noise_var is not None and not 0 <= self.noise_var[0] <= self.noise_var[1]:
             raise ValueError(f"noise_var must be [lo, hi] with 0 <= lo <= hi, got {list(self.noise_var)}")
+        if self.noise_log_var and (self.noise_var is None or self.noise_var[0] <= 0):
+            raise ValueError("noise_log_var needs noise_var with a positive lower bound")
         if self.blur_kernel is not None:
             lo, hi = self.blur_kernel
             if not (3 <= lo <= hi <= 31 and lo % 2 and hi % 2):
@@ -129,7 +134,7 @@ def geometric(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator, o
     size = out_size or h
     theta = affine_params(b, cfg, gen, x.device)
     grid = F.affine_grid(theta.to(x.dtype), [b, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=cfg.padding, align_corners=False)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,7 +185,10 @@ def coarse_dropout(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generat
 
 def noise_std(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
     """Per-sample noise sigma on the [0, 1] scale (0 where no noise is drawn)."""
-    if cfg.noise_var is not None:
+    if cfg.noise_var is not None and cfg.noise_log_var:
+        lo, hi = cfg.noise_var
+        std = _uniform(b, math.log(lo), math.log(hi), gen, device).exp().sqrt()
+    elif cfg.noise_var is not None:
         std = _uniform(b, *cfg.noise_var, gen, device).sqrt()
     else:
         std = _uniform(b, *cfg.noise_std, gen, device)
@@ -210,6 +218,14 @@ def degrade(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> 
             beta = _uniform(b, -cfg.brightness, cfg.brightness, gen, dev).view(-1, 1, 1, 1)
             if cfg.brightness_contrast == "albumentations":
                 y = x * alpha + beta
+            elif cfg.brightness_contrast == "torchvision":
+                bright = _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, gen, dev).view(-1, 1, 1, 1)
+                first = _coin(b, 0.5, gen, dev).view(-1, 1, 1, 1)  # ColorJitter's random order
+
+                def contrast(z: torch.Tensor) -> torch.Tensor:
+                    return ((z - z.mean(dim=(1, 2, 3), keepdim=True)) * alpha + z.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+
+                y = torch.where(first, contrast((x * bright).clamp(0, 1)), (contrast(x) * bright).clamp(0, 1))
             else:
                 mean = x.mean(dim=(1, 2, 3), keepdim=True)
                 y = (x - mean) * alpha + mean + beta
