@@ -18,7 +18,7 @@ from vemscale.train.pretrain import PretrainConfig
 # written from BaderLab/RETINA pretrainer.py:114-170, pretrain.py:110-112 and albumentations 1.x defaults
 RETINA_PRETRAIN_REFERENCE = [
     ("train.optimizer", "sgd"), ("train.lr", 0.003), ("train.momentum", 0.9), ("train.weight_decay", 1e-4),
-    ("train.poly_power", 0.9), ("train.warmup", 0), ("train.crop", 224),
+    ("train.poly_power", 0.9), ("train.poly_horizon", 5000 / 200), ("train.warmup", 0), ("train.crop", 224),
     ("normalization.mean", [0.57287007]), ("normalization.std", [0.12740536]),
     ("augment.flips", True), ("augment.rot90", False), ("augment.rotate_degrees", 90.0), ("augment.p_rotate", 0.5),
     ("augment.p_resized_crop", 1.0), ("augment.crop_scale", (0.08, 1.0)), ("augment.crop_ratio", (0.5, 1.5)),
@@ -85,20 +85,66 @@ def test_recipes_set_the_reference_codes_values_over_the_config_file(recipe, mod
         else:
             assert got == pytest.approx(value) if isinstance(value, float) else got == value, path
     plain = load_config(model, config, ["recipe=none"])  # the file as written, without the recipe
-    assert any(_get(plain, p) != v for p, v in reference)
+    assert sum(_get(plain, p) != _get(cfg, p) for p, _ in reference) >= 5  # the recipe did replace the file's
 
 
 def test_command_line_keys_win_over_the_recipe_and_sweep_arms_can_name_it():
-    cfg = load_config(FinetuneConfig, "configs/finetune_vnc_mito.yaml", ["recipe=retina", "train.lr=0.01"])
-    assert cfg.train.lr == 0.01 and cfg.train.optimizer == "sgd"
-    arm = apply_overrides(load_config(FinetuneConfig, "configs/finetune_vnc_mito.yaml"), ["recipe=retina"])
-    assert arm.freeze == "vit_blocks" and arm.train.loss == "retina"
-    back = apply_overrides(arm, ["recipe=none"])  # the earlier values stay: a recipe sets, it does not unset
-    assert back.recipe == "none"
     from vemscale.config import ConfigError
+    from vemscale.tune.config import compose
 
+    cfg = load_config(FinetuneConfig, "configs/finetune_vnc_mito.yaml",
+                      ["recipe=retina", "train.lr=0.01", "augment.rotate_degrees=30"])
+    assert cfg.train.lr == 0.01 and cfg.augment.rotate_degrees == 30 and cfg.train.optimizer == "sgd"
+    again = apply_overrides(cfg, ["train.batch_size=4"])  # a later override keeps the earlier keys
+    assert again.train.lr == 0.01 and again.augment.rotate_degrees == 30 and again.train.batch_size == 4
+    # a sweep trial: base file <- recipe named by the arm <- the sweep's own keys
+    base = load_config(FinetuneConfig, "configs/finetune_vnc_mito.yaml").model_dump(mode="json")
+    state = {"base": base, "cwd": ".", "sweep": {"overrides": {"train.iterations": 10},
+                                                  "arms": {"retina": {"recipe": "retina"}, "plain": {}},
+                                                  "resources": {"workers": 1}}}
+    trial = FinetuneConfig.model_validate(compose(state, "retina", 3, {"train.lr": 0.02}, "/tmp/t"))
+    assert trial.freeze == "vit_blocks" and trial.train.loss == "retina" and trial.augment.rotate_degrees == 180
+    assert trial.train.lr == 0.02 and trial.train.iterations == 10 and trial.train.seed == 3
+    plain = FinetuneConfig.model_validate(compose(state, "plain", 3, {}, "/tmp/t"))
+    assert plain.train.optimizer == "adamw" and plain.freeze == "none"
     with pytest.raises(ConfigError, match="recipe"):
         load_config(FinetuneConfig, "configs/finetune_vnc_mito.yaml", ["recipe=cem"])
+
+
+def test_retina_blur_draws_albumentations_kernel_sizes_and_opencvs_kernels():
+    from vemscale.train.ssl_augment import degrade
+
+    aug = load_config(PretrainConfig, None, ["recipe=retina"]).augment
+    only_blur = aug.model_copy(update={"p_brightness_contrast": 0.0, "p_noise": 0.0, "p_dropout": 0.0, "p_blur": 1.0})
+    impulse = torch.zeros(500, 1, 15, 15)
+    impulse[:, :, 7, 7] = 1.0
+    out = degrade(impulse, only_blur, torch.Generator().manual_seed(6))
+    # OpenCV getGaussianKernel(k, 0) for k <= 7 (its fixed small kernels), written from OpenCV's source
+    tables = {3: [1, 2, 1], 5: [1, 4, 6, 4, 1], 7: [1, 3.5, 7, 9, 7, 3.5, 1]}
+    seen = {3: 0, 5: 0, 7: 0}
+    for o in out[:, 0]:
+        k = int((o[7] > 0).sum())
+        row = torch.tensor(tables[k], dtype=torch.float64)
+        row = row / row.sum()
+        ref = torch.zeros(15, 15, dtype=torch.float64)
+        ref[7 - k // 2: 8 + k // 2, 7 - k // 2: 8 + k // 2] = torch.outer(row, row)
+        assert torch.allclose(o.double(), ref, atol=1e-6), k
+        seen[k] += 1
+    share = {k: v / 500 for k, v in seen.items()}
+    assert abs(share[3] - 0.2) < 0.06 and abs(share[5] - 0.4) < 0.07 and abs(share[7] - 0.4) < 0.07  # randrange(3, 8), even + 1
+
+
+def test_albumentations_contrast_scales_around_zero_and_vemscales_around_the_mean():
+    from vemscale.train.ssl_augment import degrade
+
+    aug = load_config(PretrainConfig, None, ["recipe=retina"]).augment
+    only_bc = aug.model_copy(update={"p_noise": 0.0, "p_blur": 0.0, "p_dropout": 0.0, "p_brightness_contrast": 1.0,
+                                     "brightness": 0.0})
+    x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(7)) * 0.55 + 0.2  # never clipped at 1.3x
+    ratio = degrade(x, only_bc, torch.Generator().manual_seed(8)) / x  # RandomBrightnessContrast: alpha x
+    assert float(ratio.flatten(1).std(1).max()) < 1e-5 and 0.7 <= float(ratio.min()) and float(ratio.max()) <= 1.3
+    around_mean = degrade(x, only_bc.model_copy(update={"brightness_contrast": "mean"}), torch.Generator().manual_seed(8))
+    assert float((around_mean / x).flatten(1).std(1).max()) > 1e-3  # not a pure scaling
 
 
 def test_retina_noise_has_the_reference_variance_range_and_probability():

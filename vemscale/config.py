@@ -207,8 +207,10 @@ def load_cli_config(model: type[C], items: Iterable[str], verbatim: Iterable[str
 
 def apply_overrides(config: C, overrides: Iterable[str]) -> C:
     """A copy of `config` with overrides applied and re-validated."""
-    data = config.model_dump(mode="json")
-    return build_config(type(config), layer(type(config), data, parse_overrides(overrides)))
+    data, update = config.model_dump(mode="json"), parse_overrides(overrides)
+    if "recipe" not in update:  # the config already holds its recipe's values and the user's keys over them
+        return build_config(type(config), _deep_merge(data, update))
+    return build_config(type(config), layer(type(config), data, update))
 
 
 def absolute_url(url: str) -> str:

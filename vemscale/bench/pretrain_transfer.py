@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--pretrain-crop", type=int, default=128)
     p.add_argument("--pretrain-lr", type=float, default=None, help="default: the recipe's (none: 0.01)")
-    p.add_argument("--recipe", default="none", help="none | retina: the papers' values for pre-training and every arm")
+    p.add_argument("--recipe", default="none", choices=["none", "retina"],
+                   help="RETINA's values for pre-training and every arm (crops, batch, lengths: the flags here)")
     p.add_argument("--finetune-iterations", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=256)

@@ -74,6 +74,7 @@ class TrainConfig(Strict):
     # poly (RETINA) | step (lr x gamma at each milestone, fractions of the run: CEM500K MoCoV2's epochs 120 and
     # 160 of 200) | onecycle (PyTorch OneCycleLR defaults: CEM500K's fine-tuning); vemscale.train.schedule
     schedule: Literal["poly", "step", "onecycle"] = "poly"
+    poly_horizon: float = Field(1.0, ge=1)  # poly decays over this many times the run (RETINA pre-training: 25)
     milestones: tuple[float, ...] = (0.6, 0.8)
     gamma: float = Field(0.1, gt=0)
     loss: Literal["ce", "dice", "ce_dice", "retina"] = "ce_dice"  # retina: 0.5 CE + 0.5 Dice

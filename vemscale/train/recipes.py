@@ -28,6 +28,9 @@ RETINA_PRETRAIN: dict[str, Any] = {
         "momentum": 0.9,  # pretrainer.py:146
         "weight_decay": 1e-4,  # pretrainer.py:146
         "poly_power": 0.9,  # pretrainer.py:168-170 lr (1 - it / max_it) ** 0.9
+        # pretrainer.py:149 max_it = 5000 epochs, while the checkpoint fine-tuned is pretrain_200.pt: the LR
+        # decays over 25x the run actually used (0.003 -> ~0.0029)
+        "poly_horizon": 25.0,
         "warmup": 0,  # pretrainer.py:168-170: no warm-up
     },
     "augment": {
@@ -45,7 +48,7 @@ RETINA_PRETRAIN: dict[str, Any] = {
         "p_noise": 0.5,  # pretrainer.py:124 GaussNoise (default p 0.5)
         "noise_var": (400 / 255**2, 1200 / 255**2),  # pretrain.py:111 var_limit (400, 1200) on 0-255
         "p_blur": 0.5,  # pretrainer.py:125 GaussianBlur() (default p 0.5)
-        "blur_kernel": (3, 7),  # GaussianBlur default blur_limit (3, 7), sigma_limit 0 (OpenCV's rule)
+        "blur_kernel": (3, 7),  # GaussianBlur default blur_limit (3, 7), sigma_limit 0: OpenCV's kernels
         "p_dropout": 0.5,  # pretrainer.py:128 CoarseDropout (default p 0.5)
         "dropout_holes": (1, 32),  # pretrain.py:112 max_holes 32, min_holes 1
         "dropout_size": 16,  # pretrainer.py:128 max_height = max_width = 16 (min_* default to max_*)
@@ -80,7 +83,8 @@ RETINA_FINETUNE: dict[str, Any] = {
         "brightness": 0.3,  # cremi.yaml:63-65
         "contrast": 0.3,  # cremi.yaml:63-65
         "brightness_contrast": "albumentations",  # brightness_by_max default: alpha x + beta on [0, 1]
-        "p_foreground_crop": 0.8,  # cremi.yaml:48-51 CropNonEmptyMaskIfExists p 0.8
+        # cremi.yaml:48-51 CropNonEmptyMaskIfExists p 0.8 (cremi, kasthuri_pp, urocell; the others have none)
+        "p_foreground_crop": 0.8,
     },
 }
 

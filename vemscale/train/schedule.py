@@ -31,7 +31,8 @@ def lr_at(tcfg: dict[str, Any], it: int, total: int) -> tuple[float, float | Non
     base = float(tcfg["lr"])
     kind = tcfg.get("schedule", "poly")
     if kind == "poly":
-        return poly_lr(base, it, total, tcfg["poly_power"], tcfg.get("warmup", 0)), None
+        horizon = int(round(total * float(tcfg.get("poly_horizon", 1.0))))
+        return poly_lr(base, it, horizon, tcfg["poly_power"], tcfg.get("warmup", 0)), None
     if kind == "step":
         passed = sum(it >= round(float(m) * total) for m in tcfg.get("milestones", (0.6, 0.8)))
         return base * float(tcfg.get("gamma", 0.1)) ** passed, None

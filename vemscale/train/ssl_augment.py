@@ -49,8 +49,8 @@ class RetinaAugmentConfig(Strict):
     noise_log_var: bool = False  # with noise_var: log-uniform variance (CEM500K's GaussNoise)
     p_blur: float = Field(0.5, ge=0, le=1)
     blur_sigma: Range = (0.1, 2.0)  # pixels, unless blur_kernel is set
-    # albumentations GaussianBlur: an odd kernel size drawn in this range, sigma from OpenCV's rule
-    # 0.3 ((k - 1) / 2 - 1) + 0.8, the kernel cut at k // 2
+    # albumentations GaussianBlur with sigma_limit 0: a kernel size drawn in this range (even sizes rounded
+    # up), OpenCV's kernel of that size (fixed tables up to 7, else sigma 0.3 ((k - 1) / 2 - 1) + 0.8)
     blur_kernel: tuple[int, int] | None = None
     # the order of the degradations (each clipped to [0, 1], as on 8-bit images)
     order: tuple[str, ...] = ("brightness_contrast", "blur", "noise", "dropout")
@@ -116,7 +116,9 @@ def affine_params(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device
     angle = quarter * (math.pi / 2)
     if cfg.rotate_degrees > 0:
         extra = _uniform(b, -cfg.rotate_degrees, cfg.rotate_degrees, gen, device) * (math.pi / 180)
-        angle = angle + torch.where(_coin(b, cfg.p_rotate, gen, device), extra, torch.zeros_like(extra))
+        if cfg.p_rotate < 1:  # (no coin at p 1: a seed gives the same crops as before p_rotate existed)
+            extra = torch.where(_coin(b, cfg.p_rotate, gen, device), extra, torch.zeros_like(extra))
+        angle = angle + extra
     if cfg.flips:
         sx = sx * torch.where(_coin(b, 0.5, gen, device), -1.0, 1.0)
         sy = sy * torch.where(_coin(b, 0.5, gen, device), -1.0, 1.0)
@@ -137,20 +139,26 @@ def geometric(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator, o
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=cfg.padding, align_corners=False)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample (sigma <= 0: unchanged); `cut`: per-sample kernel
-    radius (else 3 sigma)."""
+# OpenCV's fixed kernels for sigma <= 0 and ksize <= 7 (getGaussianKernel's small_gaussian_tab)
+OPENCV_SMALL_KERNELS = {3: (0.25, 0.5, 0.25), 5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
+                        7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125)}
+
+
+def opencv_kernel(k: int) -> torch.Tensor:
+    """cv2.getGaussianKernel(k, 0): a fixed table for k <= 7, else sigma = 0.3 ((k - 1) / 2 - 1) + 0.8."""
+    if k in OPENCV_SMALL_KERNELS:
+        return torch.tensor(OPENCV_SMALL_KERNELS[k], dtype=torch.float64)
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    return w / w.sum()
+
+
+def _separable_blur(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-sample separable blur of x (B, C, H, W) with 1D kernels k (B, 2r+1), reflection at the borders."""
     b, c, h, w = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))) if cut is None else int(cut.max()))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    s = sigma.clamp(min=1e-3).to(x.dtype).view(-1, 1)
-    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
-    if cut is not None:
-        k = torch.where(t.view(1, -1).abs() <= cut.view(-1, 1).to(x.dtype), k, torch.zeros_like(k))
-    k = k / k.sum(1, keepdim=True)
-    delta = (t == 0).to(x.dtype).expand_as(k)
-    k = torch.where((sigma > 0).view(-1, 1), k, delta)
-    k = k.repeat_interleave(c, dim=0)  # (B*C, K)
+    radius = (k.shape[1] - 1) // 2
+    k = k.to(x.dtype).repeat_interleave(c, dim=0)  # (B*C, K)
     y = x.reshape(1, b * c, h, w)
     pad = min(radius, h - 1, w - 1)
     if pad < radius:  # tiny images: pad what reflection allows, then replicate
@@ -161,6 +169,31 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, cut: torch.Tensor | Non
     y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
     y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
     return y.view(b, c, h, w)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample (sigma <= 0: unchanged), cut at 3 sigma."""
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.clamp(min=1e-3).to(x.dtype).view(-1, 1)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    delta = (t == 0).to(x.dtype).expand_as(k)
+    return _separable_blur(x, torch.where((sigma > 0).view(-1, 1), k, delta))
+
+
+def _kernel_blur(x: torch.Tensor, ksize: torch.Tensor) -> torch.Tensor:
+    """albumentations GaussianBlur with sigma 0: per sample, OpenCV's kernel of size ksize (0: unchanged)."""
+    radius = max(1, int(ksize.max()) // 2)
+    rows = []
+    for k in ksize.tolist():
+        row = torch.zeros(2 * radius + 1, dtype=torch.float64)
+        if k:
+            row[radius - k // 2: radius + k // 2 + 1] = opencv_kernel(int(k))
+        else:
+            row[radius] = 1.0
+        rows.append(row)
+    return _separable_blur(x, torch.stack(rows).to(x.device))
 
 
 def coarse_dropout(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,16 +228,19 @@ def noise_std(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) ->
     return torch.where(_coin(b, cfg.p_noise, gen, device), std, torch.zeros_like(std))
 
 
-def blur_sigma(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-sample blur sigma (0 where no blur is drawn) and kernel radius (None: 3 sigma)."""
-    use = _coin(b, cfg.p_blur, gen, device)
-    if cfg.blur_kernel is not None:
-        lo, hi = cfg.blur_kernel
-        k = 2 * torch.randint(lo // 2, hi // 2 + 1, (b,), generator=gen, device=device) + 1
-        sigma = 0.3 * ((k.float() - 1) * 0.5 - 1) + 0.8  # OpenCV getGaussianKernel's sigma for ksize k
-        return torch.where(use, sigma, torch.zeros_like(sigma)), k // 2
+def blur_sigma(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample blur sigma (0 where no blur is drawn)."""
     sigma = _uniform(b, *cfg.blur_sigma, gen, device)
-    return torch.where(use, sigma, torch.zeros_like(sigma)), None
+    return torch.where(_coin(b, cfg.p_blur, gen, device), sigma, torch.zeros_like(sigma))
+
+
+def blur_ksize(b: int, cfg: RetinaAugmentConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample kernel size as albumentations GaussianBlur draws it (0 where no blur is drawn): uniform in
+    [lo, hi], an even size rounded up, so (3, 7) gives 3, 5, 7 with p 0.2, 0.4, 0.4."""
+    lo, hi = cfg.blur_kernel  # type: ignore[misc]
+    k = torch.randint(lo, hi + 1, (b,), generator=gen, device=device)
+    k = k + (k % 2 == 0).long()
+    return torch.where(_coin(b, cfg.p_blur, gen, device), k, torch.zeros_like(k))
 
 
 def degrade(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -230,10 +266,14 @@ def degrade(x: torch.Tensor, cfg: RetinaAugmentConfig, gen: torch.Generator) -> 
                 mean = x.mean(dim=(1, 2, 3), keepdim=True)
                 y = (x - mean) * alpha + mean + beta
             x = torch.where(use, y, x).clamp(0, 1)
+        elif step == "blur" and cfg.p_blur > 0 and cfg.blur_kernel is not None:
+            ksize = blur_ksize(b, cfg, gen, dev)
+            if bool((ksize > 0).any()):
+                x = _kernel_blur(x, ksize).clamp(0, 1)
         elif step == "blur" and cfg.p_blur > 0:
-            sigma, cut = blur_sigma(b, cfg, gen, dev)
+            sigma = blur_sigma(b, cfg, gen, dev)
             if bool((sigma > 0).any()):
-                x = _gaussian_blur(x, sigma, cut).clamp(0, 1)
+                x = _gaussian_blur(x, sigma).clamp(0, 1)
         elif step == "noise" and cfg.p_noise > 0:
             std = noise_std(b, cfg, gen, dev)
             x = (x + torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype) * std.view(-1, 1, 1, 1)).clamp(0, 1)

@@ -276,10 +276,13 @@ def compose(state: dict[str, Any], arm: str, seed: int, params: dict[str, Any], 
     `state` is what the sweep saved in run_dir/sweep_state.json: the base config dict, the sweep config and the
     directory relative paths are relative to.
     """
+    from vemscale.config import layer
+    from vemscale.train.finetune import FinetuneConfig
+
     sweep = state["sweep"]
-    data = merge(state["base"], nest(sweep["overrides"]))
-    data = merge(data, nest(sweep["arms"][arm]))
-    data = merge(data, nest(params))
-    data = merge(data, {"train": {"seed": int(seed), "workers": int(sweep["resources"]["workers"])},
-                        "run_dir": str(run_dir)})
-    return resolve_paths(data, state["cwd"])
+    update = merge(nest(sweep["overrides"]), nest(sweep["arms"][arm]))
+    update = merge(update, nest(params))
+    update = merge(update, {"train": {"seed": int(seed), "workers": int(sweep["resources"]["workers"])},
+                            "run_dir": str(run_dir)})
+    # a recipe (in the base or named by the arm) replaces the base's values; the sweep's own keys win
+    return resolve_paths(layer(FinetuneConfig, state["base"], update), state["cwd"])
