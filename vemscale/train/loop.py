@@ -55,8 +55,7 @@ class SegmentationStep:
 
     def __call__(self, imgs: np.ndarray, labs: np.ndarray, lr: float) -> float:
         x, y = self._input(imgs, labs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_schedule(self.optimizer, lr, None)
         self.model.train()
         loss = segmentation_loss(self.model(x), y, self.loss)
         self.optimizer.zero_grad(set_to_none=True)

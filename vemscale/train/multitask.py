@@ -20,6 +20,7 @@ from pydantic import Field
 
 from vemscale.config import Strict
 from vemscale.train.augment import AugmentConfig
+from vemscale.train.schedule import set_schedule
 from vemscale.train.loop import SegmentationStep
 from vemscale.train.losses import segmentation_loss
 
@@ -78,8 +79,7 @@ class MultitaskStep(SegmentationStep):
     def __call__(self, imgs: np.ndarray, labs: np.ndarray, target: np.ndarray, lr: float, phase: Phase) -> dict:
         xs, ys = self._input(imgs, labs)
         xt, _ = self._input(target, None)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_schedule(self.optimizer, lr, None)
         self.model.train()
         # one forward over both batches: every parameter takes part in every step (DDP needs that)
         x = torch.cat([xs, xt]) if phase.target else xs

@@ -23,11 +23,6 @@ from vemscale.train.moco import MoCo, MocoConfig
 from vemscale.train.ssl_augment import Normalize, RetinaAugmentConfig, retina_pair, two_views
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 class RetinaStep:
     """Augment a batch of [0,1] patches into (degraded input, clean target), regress, MSE, update."""
 
@@ -39,7 +34,7 @@ class RetinaStep:
     def __call__(self, batch: np.ndarray, lr: float, keep: int = 0) -> dict[str, float]:
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         inp, target = retina_pair(x, self.augment, self.gen, self.norm)
-        _set_lr(self.optimizer, lr)
+        set_schedule(self.optimizer, lr, None)
         self.model.train()
         pred = self.model(inp)
         loss = F.mse_loss(pred.float(), target)
@@ -62,7 +57,7 @@ class MocoStep:
     def __call__(self, batch: np.ndarray, lr: float, keep: int = 0) -> dict[str, float]:
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         q, k = two_views(x, self.augment, self.gen, self.norm)
-        _set_lr(self.optimizer, lr)
+        set_schedule(self.optimizer, lr, None)
         self.model.train()
         loss, acc = self.model(q, k)
         self.optimizer.zero_grad(set_to_none=True)
