@@ -1,16 +1,21 @@
-"""Chaos run for `vemscale infer`: SIGKILL the driver or a random Ray worker at a random moment, rerun, and
-compare the output bytes with a clean run.
+"""Chaos run: SIGKILL the driver or a random Ray worker of a stage at a random moment, rerun, and check the
+outcome against a clean run.
 
-Each trial starts `vemscale infer` in a session of its own (its own local Ray), waits a random share of the
-clean run's time, and kills one of: the driver (the whole session, as a crash of the machine running it
-would), the model actor, or any other Ray worker process (read and write tasks). A killed driver is followed
-by a rerun of the same command (the ledger skips the done blocks); after a worker kill the run must finish
-by itself (Ray restarts the actor and retries the tasks), and is rerun only if it failed. Every file of the
-output (ledger excluded) must then equal the clean run's, byte for byte. Seeded: trial i of seed s always
-draws the same target and moment, `--only i` replays it.
+Stages: `infer`, `instances` (with split=watershed), `export` (scale 0, pyramid, properties and meshes of an
+instance segmentation), `finetune` and `pretrain`. Each trial starts the stage's command in a session of its
+own (its own local Ray), waits a random share of the clean run's time and kills one of:
+- the driver, with its whole session (as a crash of the machine running it would); the same command is
+  then rerun and resumes through the stage's ledger or checkpoints;
+- the stage's main actor (the model actor of infer, a Ray Train worker of the training stages);
+- another Ray worker process (a running task of the stage where one runs, else Ray's helper actors).
+After a worker kill the run must finish by itself or, where Ray cannot recover it, exit non-zero so that
+the rerun finishes it. The check then: for infer, instances and export every output file (ledger, scratch
+and timing summaries excluded) equals the clean run's, byte for byte; for finetune and pretrain the final
+checkpoint reaches the configured iteration count, loads, and metrics.csv has each logged iteration once.
+Seeded: trial i of seed s always draws the same target and moment; `--only i` replays it.
 
-    python -m vemscale.bench.chaos --trials 20            # ~10 min on 2 cores
-    python -m vemscale.bench.chaos --trials 3 --only 2    # replay trial 2 of seed 0
+    python -m vemscale.bench.chaos --stage all --trials 20      # ~1 h on 2 cores
+    python -m vemscale.bench.chaos --stage export --trials 3 --only 2
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vemscale.bench import emit
-from vemscale.bench.scale import generated_volume, tiny_checkpoint
 
 KINDS = ("driver", "actor", "worker")
-LEDGER = ".vemscale-ledger"
+SKIP_PARTS = {".vemscale-ledger", ".vemscale-scratch"}  # bookkeeping: may differ after a kill by design
+SKIP_FILES = {"summary.json"}  # timings
 
 
 def _session_pids(sid: int) -> list[tuple[int, str]]:
@@ -66,116 +72,284 @@ def kill_session(sid: int) -> None:
         time.sleep(0.2)
 
 
-def _workers(sid: int, kind: str) -> list[tuple[int, str]]:
-    """Ray worker processes of the run: the model actor ("actor"), or the others doing work ("worker")."""
+@dataclass(frozen=True)
+class Stage:
+    """How to run one stage of the engine and judge a trial."""
+
+    name: str
+    command: Callable[[Path, Path], list[str]]  # (output, run_dir) -> argv
+    actor: tuple[str, ...]  # substrings of the main actor's process title; () for stages of tasks only
+    tasks: tuple[str, ...]  # substrings of the stage's task process titles
+    check: Callable[[Path, Path, Any], str | None]  # (output, run_dir, clean reference) -> None if good, else why
+    reference: Callable[[Path, Path], Any]  # (output, run_dir) of the clean run -> what check compares with
+    recomputed: Callable[[Path, Path], Any]  # what the rerun recomputed (blocks or iterations), for the report
+    started: Callable[[Path, Path], bool]  # (output, run_dir) -> has the first unit of work finished?
+
+
+def _workers(sid: int, kind: str, stage: Stage) -> list[tuple[int, str]]:
+    """Ray worker processes of the run: the main actor ("actor"), or the others doing work ("worker")."""
     procs = [(p, c) for p, c in _session_pids(sid) if c.startswith("ray::") and "IDLE" not in c]
+    is_actor = [any(a in c for a in stage.actor) for _, c in procs]
     if kind == "actor":
-        return [(p, c) for p, c in procs if "Predictor" in c]
-    others = [(p, c) for p, c in procs if "Predictor" not in c]
-    tasks = [(p, c) for p, c in others if "read_blocks" in c or "write_blocks" in c]  # a read or write task
-    return tasks or others  # else Ray Data's own helper actors
+        return [pc for pc, a in zip(procs, is_actor) if a]
+    others = [pc for pc, a in zip(procs, is_actor) if not a]
+    tasks = [(p, c) for p, c in others if any(t in c for t in stage.tasks)]
+    return tasks or others  # else Ray's own helper actors
 
 
-def _hashes(out: Path) -> dict[str, str]:
+def hashes(out: Path) -> dict[str, str]:
+    """sha256 of every output file but the bookkeeping (ledger, scratch) and timing summaries."""
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
-            if p.is_file() and LEDGER not in p.parts}
+            if p.is_file() and not SKIP_PARTS & set(p.relative_to(out).parts) and p.name not in SKIP_FILES}
 
 
-def _command(src: str, ckpt: str, out: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "vemscale.cli", "infer", f"input={src}", f"output={out}", f"checkpoint={ckpt}",
-            "block_shape=2,64,64", "output_chunks=2,64,64", "workers=1", "threads_per_worker=1", "batch_size=4",
-            "blocks_per_batch=1", "progress=false", f"run_dir={run_dir}"]
+def _same_bytes(out: Path, run_dir: Path, clean: dict[str, str]) -> str | None:
+    got = hashes(out) if out.exists() else {}
+    if got == clean:
+        return None
+    diff = sorted(k for k in set(got) | set(clean) if got.get(k) != clean.get(k))
+    return f"{len(diff)} files differ, e.g. {diff[:3]}"
+
+
+def _blocks_computed(summary_file: str) -> Callable[[Path, Path], Any]:
+    def computed(out: Path, run_dir: Path) -> Any:
+        try:
+            doc = json.loads((run_dir / summary_file).read_text())
+        except (OSError, ValueError):
+            return None
+        if "summary" in doc:  # infer
+            return doc["summary"].get("computed")
+        blocks = doc.get("blocks", {})
+        return {k: v.get("computed") for k, v in blocks.items() if isinstance(v, dict)} or None
+    return computed
+
+
+def _training_check(iterations: int) -> Callable[[Path, Path, Any], str | None]:
+    def check(out: Path, run_dir: Path, _: Any) -> str | None:
+        from vemscale.checkpoint import load_checkpoint
+
+        meta_file = run_dir / "checkpoint" / "vemscale.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            return f"no final checkpoint: {err}"
+        if meta.get("iteration") != iterations:
+            return f"final checkpoint at iteration {meta.get('iteration')}, not {iterations}"
+        try:
+            load_checkpoint(run_dir / "checkpoint")
+        except Exception as err:  # noqa: BLE001 - any failure to load is the finding
+            return f"final checkpoint does not load: {err}"
+        rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+        if rows != sorted(set(rows)) or not rows or rows[-1] != iterations:
+            return f"metrics.csv iterations not logged once each up to {iterations}: {rows[-5:]}"
+        return None
+    return check
+
+
+def _resumed_from(out: Path, run_dir: Path) -> Any:
+    try:
+        rows = (run_dir / "metrics.csv").read_text().splitlines()
+        head = rows[0].split(",")
+        col = head.index("resumed_from")
+        return max(int(float(r.split(",")[col] or 0)) for r in rows[1:])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _blocks_started(out: Path, run_dir: Path) -> bool:
+    """A done marker of some pass exists (every file of the ledger but its ledger.json)."""
+    ledger = out / ".vemscale-ledger"
+    return ledger.is_dir() and any(p.is_file() and p.name != "ledger.json" for p in ledger.rglob("*"))
+
+
+def _training_started(out: Path, run_dir: Path) -> bool:
+    """rank 0 logged its first iteration."""
+    try:
+        return len((run_dir / "metrics.csv").read_text().splitlines()) > 1
+    except OSError:
+        return False
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _computed(run_dir: Path) -> int | None:
-    try:
-        return int(json.loads((run_dir / "infer_summary.json").read_text())["summary"]["computed"])
-    except (OSError, ValueError, KeyError):
-        return None
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vemscale.cli", *args]
 
 
-def trial(i: int, seed: int, src: str, ckpt: str, root: Path, clean: dict[str, str], clean_s: float) -> dict[str, Any]:
-    rng = random.Random(seed * 100_003 + i)
-    kind = KINDS[rng.randrange(len(KINDS))]
-    at = rng.uniform(0.55, 0.98) * clean_s  # Ray and the actor start in the first half; blocks run after
-    out, run_dir = root / f"trial-{i}", root / f"trial-{i}-run"
-    cmd = _command(src, ckpt, out, run_dir)
+def build_stages(root: Path, shape: tuple[int, int, int], iterations: int) -> dict[str, Callable[[], Stage]]:
+    """Lazily built stages over one generated EM-like volume (image and mitochondria labels as OME-Zarr)."""
+    from vemscale.bench.scale import tiny_checkpoint
+    from vemscale.io.volume import create_ome_zarr
+    from vemscale.synth import synthetic_em
+
+    image, labels = synthetic_em(shape, seed=0)
+    data = {}
+    for name, arr in (("image", image), ("labels", labels)):
+        data[name] = str(root / f"{name}.zarr")
+        create_ome_zarr(data[name], arr.shape, arr.dtype, (2, 64, 64), (5.0, 5.0, 50.0), overwrite=True).write(arr).result()
+    ckpt = tiny_checkpoint(root / "ckpt", tile=128, margin=16)
+    blocks = ["progress=false", "blocks_per_batch=1"]
+    n = shape[0]
+
+    def infer() -> Stage:
+        def cmd(out: Path, run_dir: Path) -> list[str]:
+            return _cli("infer", f"input={data['image']}", f"output={out}", f"checkpoint={ckpt}",
+                        "block_shape=2,64,64", "output_chunks=2,64,64", "workers=1", "threads_per_worker=1",
+                        "batch_size=4", *blocks, f"run_dir={run_dir}")
+        return Stage("infer", cmd, ("Predictor",), ("read_blocks", "write_blocks"), _same_bytes,
+                     lambda o, r: hashes(o), _blocks_computed("infer_summary.json"), _blocks_started)
+
+    def instances() -> Stage:
+        def cmd(out: Path, run_dir: Path) -> list[str]:
+            return _cli("instances", f"source={data['labels']}", f"output={out}", "split=watershed",
+                        "watershed.h_nm=10", "block_shape=2,64,64", "chunk=2,64,64", *blocks, f"run_dir={run_dir}")
+        return Stage("instances", cmd, (), ("_fused",), _same_bytes, lambda o, r: hashes(o),
+                     lambda o, r: _blocks_computed("summary.json")(o, o), _blocks_started)
+
+    segmentation: dict[str, str] = {}
+
+    def export() -> Stage:
+        if not segmentation:  # the input: one clean instance segmentation of the labels
+            r = subprocess.run(instances().command(root / "export-source", root / "export-source-run"), env=_env(),
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr[-2000:])
+            segmentation["url"] = str(root / "export-source" / "segmentation")
+
+        def cmd(out: Path, run_dir: Path) -> list[str]:
+            return _cli("export", segmentation["url"], f"precomputed://file://{out}", "task_voxels=32768",
+                        "blocks_per_batch=1", "--pyramid", "--mesh", "--chunk", "2,64,64", f"--run-dir={run_dir}")
+        return Stage("export", cmd, (), ("_fused",), _same_bytes, lambda o, r: hashes(o),
+                     _blocks_computed("export_summary.json"), _blocks_started)
+
+    def training(kind: str) -> Stage:
+        cfg_file = root / f"{kind}.yaml"
+        train = {"iterations": iterations, "batch_size": 2, "crop": 64, "log_every": 5,
+                 "checkpoint_every": max(1, iterations // 4), "seed": 0}
+        if kind == "finetune":
+            pair = {"image": data["image"], "labels": data["labels"]}
+            cfg = {"data": {"train": [{**pair, "slices": f"0:{n - 2}"}], "val": [{**pair, "slices": f"{n - 2}:{n}"}],
+                            "classes": ["background", "mitochondria"]},
+                   "model": {"name": "tiny"}, "train": {**train, "val_every": iterations, "workers": 1},
+                   "tiles": {"tile": 64, "margin": 8, "batch_size": 4}}
+        else:
+            cfg = {"objective": "retina", "recipe": "none", "data": [{"path": data["image"], "planes": ["xy"]}],
+                   "model": {"name": "tiny"}, "train": {**train, "preview_every": 0}, "workers": 1}
+        cfg_file.write_text(json.dumps(cfg))  # JSON is YAML
+
+        def cmd(out: Path, run_dir: Path) -> list[str]:
+            return _cli(kind, str(cfg_file), f"run_dir={run_dir}")
+        return Stage(kind, cmd, ("TrainWorker",), ("TrainWorker", "Controller"), _training_check(iterations),
+                     lambda o, r: None, _resumed_from, _training_started)
+
+    return {"infer": infer, "instances": instances, "export": export,
+            "finetune": lambda: training("finetune"), "pretrain": lambda: training("pretrain")}
+
+
+def trial(stage: Stage, i: int, seed: int, root: Path, clean: Any, window: tuple[float, float]) -> dict[str, Any]:
+    rng = random.Random(f"{stage.name}:{seed}:{i}")
+    kinds = KINDS if stage.actor else ("driver", "worker")
+    kind = kinds[rng.randrange(len(kinds))]
+    at = rng.uniform(*window)  # between the clean run's first finished unit of work and its end
+    out, run_dir = root / f"{stage.name}-{i}", root / f"{stage.name}-{i}-run"
+    cmd = stage.command(out, run_dir)
     proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.monotonic()
-    killed, what = None, ""
+    killed, what, when = None, "", None
     while proc.poll() is None and killed is None:
         if time.monotonic() - t0 >= at:
             if kind == "driver":
-                killed, what = proc.pid, "driver and its local Ray"
+                killed, what, when = proc.pid, "driver and its local Ray", time.monotonic() - t0
+                kill_session(proc.pid)
             else:
-                cands = _workers(proc.pid, kind)
+                cands = _workers(proc.pid, kind, stage)
                 if cands:
                     pid, what = cands[rng.randrange(len(cands))]
-                    killed = pid
                     try:
                         os.kill(pid, signal.SIGKILL)
+                        killed, when = pid, time.monotonic() - t0
                     except OSError:
-                        killed = None
-            if kind == "driver":
-                kill_session(proc.pid)
+                        pass
         time.sleep(0.02)
-    rc = proc.wait()
-    if kind != "driver":
-        kill_session(proc.pid)  # anything the run left behind
+    try:
+        rc = proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        rc = -1  # hung after the kill: the rerun must still finish it
+    kill_session(proc.pid)  # anything the run left behind
     reran = rc != 0
     recomputed = None
+    row: dict[str, Any] = {"stage": stage.name, "trial": i, "killed": kind if killed else "-", "what": what[:60],
+                           "at_s": round(when, 2) if when is not None else round(at, 2), "first_rc": rc}
     if reran:
-        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, start_new_session=True, timeout=900)
         if r.returncode != 0:
-            return {"trial": i, "killed": kind, "what": what[:60], "at_s": round(at, 2), "outcome": "rerun failed",
-                    "error": r.stderr[-300:]}
-        recomputed = _computed(run_dir)
-    got = _hashes(out) if out.exists() else {}
-    if got != clean:
-        outcome = "DIFFERS"
+            return {**row, "outcome": "rerun failed", "error": r.stderr[-400:]}
+        recomputed = stage.recomputed(out, run_dir)
+    problem = stage.check(out, run_dir, clean)
+    if problem:
+        outcome = f"FAILED: {problem}"
     elif killed is None:
         outcome = "no kill (run ended first)"
     else:
-        outcome = "identical"
-    return {"trial": i, "killed": kind if killed else "-", "what": what[:60], "at_s": round(at, 2), "rerun": reran,
-            "blocks_recomputed": recomputed, "outcome": outcome}
+        outcome = "identical" if stage.name in ("infer", "instances", "export") else "resumed to a good checkpoint"
+    done_key = "resumed_from" if stage.name in ("finetune", "pretrain") else "recomputed"
+    return {**row, "rerun": reran, done_key: recomputed, "outcome": outcome}
+
+
+def run_stage(stage: Stage, root: Path, trials: int, seed: int, only: int | None) -> dict[str, Any]:
+    out, run_dir = root / f"{stage.name}-clean", root / f"{stage.name}-clean-run"
+    t = time.perf_counter()
+    proc = subprocess.Popen(stage.command(out, run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    work_s = None
+    while proc.poll() is None:
+        if work_s is None and stage.started(out, run_dir):
+            work_s = time.perf_counter() - t
+        time.sleep(0.05)
+    clean_s = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"clean {stage.name} run failed:\n{proc.stderr.read()[-3000:]}")
+    window = (work_s if work_s is not None else 0.4 * clean_s, 0.97 * clean_s)
+    problem = stage.check(out, run_dir, stage.reference(out, run_dir))
+    if problem:
+        raise RuntimeError(f"clean {stage.name} run fails its own check: {problem}")
+    clean = stage.reference(out, run_dir)
+    rows = []
+    for i in ([only] if only is not None else range(trials)):
+        rows.append(trial(stage, i, seed, root, clean, window))
+        print(json.dumps(rows[-1]), flush=True)
+    good = sum(not r["outcome"].startswith(("FAILED", "rerun failed")) for r in rows)
+    return {"stage": stage.name, "clean_run_s": round(clean_s, 1), "kill_window_s": [round(w, 1) for w in window],
+            "trials": len(rows), "passed": good,
+            "killed": {k: sum(r.get("killed") == k for r in rows) for k in KINDS},
+            "killed_after_start": sum(r.get("killed") != "-" for r in rows), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="infer", help="infer | instances | export | finetune | pretrain | all | a,b")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", type=int, default=None, help="replay this trial only")
-    ap.add_argument("--shape", default="8,256,256")
+    ap.add_argument("--shape", default="16,256,256")
+    ap.add_argument("--iterations", type=int, default=100, help="fine-tune and pre-train iterations")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     shape = tuple(int(v) for v in a.shape.split(","))
+    names = ["infer", "instances", "export", "finetune", "pretrain"] if a.stage == "all" else a.stage.split(",")
+    results = []
     with tempfile.TemporaryDirectory(prefix="vemscale-bench-chaos-") as tmp:
-        root = Path(tmp)
-        src = generated_volume(root / "vol.zarr", shape, (2, 64, 64))
-        ckpt = tiny_checkpoint(root / "ckpt", tile=128, margin=16)
-        t = time.perf_counter()
-        r = subprocess.run(_command(src, ckpt, root / "clean", root / "clean-run"), env=_env(), capture_output=True,
-                           text=True)
-        clean_s = time.perf_counter() - t
-        if r.returncode != 0:
-            print(r.stderr[-3000:], file=sys.stderr)
-            return 1
-        clean = _hashes(root / "clean")
-        rows = []
-        for i in ([a.only] if a.only is not None else range(a.trials)):
-            rows.append(trial(i, a.seed, src, ckpt, root, clean, clean_s))
-            print(json.dumps(rows[-1]), flush=True)
-    passed = sum(r["outcome"] in ("identical", "no kill (run ended first)") for r in rows)
-    result = {"stage": "infer", "shape": list(shape), "clean_run_s": round(clean_s, 1), "trials": len(rows),
-              "passed": passed, "killed": {k: sum(r.get("killed") == k for r in rows) for k in KINDS},
-              "rows": rows}
-    emit(result, a.json)
-    return 0 if passed == len(rows) else 1
+        stages = build_stages(Path(tmp), shape, a.iterations)  # type: ignore[arg-type]
+        unknown = [n for n in names if n not in stages]
+        if unknown:
+            ap.error(f"unknown stage(s) {unknown}; choose from {sorted(stages)} or all")
+        for name in names:
+            results.append(run_stage(stages[name](), Path(tmp), a.trials, a.seed, a.only))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "rows"}), flush=True)
+    emit({"shape": list(shape), "seed": a.seed, "stages": results}, a.json)
+    return 0 if all(r["passed"] == r["trials"] for r in results) else 1
 
 
 if __name__ == "__main__":
