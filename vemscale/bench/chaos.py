@@ -3,7 +3,8 @@ outcome against a clean run.
 
 Stages: `infer`, `instances` (with split=watershed), `export` (scale 0, pyramid, properties and meshes of an
 instance segmentation), `finetune` and `pretrain`. Each trial starts the stage's command in a session of its
-own (its own local Ray), waits a random share of the clean run's time and kills one of:
+own (its own local Ray), waits for a random moment between the clean run's first and last finished unit of
+work (ledger markers; logged iterations) and kills one of:
 - the driver, with its whole session (as a crash of the machine running it would); the same command is
   then rerun and resumes through the stage's ledger or checkpoints;
 - the stage's main actor (the model actor of infer, a Ray Train worker of the training stages);
@@ -83,7 +84,7 @@ class Stage:
     check: Callable[[Path, Path, Any], str | None]  # (output, run_dir, clean reference) -> None if good, else why
     reference: Callable[[Path, Path], Any]  # (output, run_dir) of the clean run -> what check compares with
     recomputed: Callable[[Path, Path], Any]  # what the rerun recomputed (blocks or iterations), for the report
-    started: Callable[[Path, Path], bool]  # (output, run_dir) -> has the first unit of work finished?
+    progress: Callable[[Path, Path], int]  # (output, run_dir) -> units of work finished so far (markers, log rows)
 
 
 def _workers(sid: int, kind: str, stage: Stage) -> list[tuple[int, str]]:
@@ -156,18 +157,18 @@ def _resumed_from(out: Path, run_dir: Path) -> Any:
         return None
 
 
-def _blocks_started(out: Path, run_dir: Path) -> bool:
-    """A done marker of some pass exists (every file of the ledger but its ledger.json)."""
+def _blocks_done(out: Path, run_dir: Path) -> int:
+    """Done markers of every pass (each file of the ledger but its ledger.json)."""
     ledger = out / ".vemscale-ledger"
-    return ledger.is_dir() and any(p.is_file() and p.name != "ledger.json" for p in ledger.rglob("*"))
+    return sum(p.is_file() and p.name != "ledger.json" for p in ledger.rglob("*")) if ledger.is_dir() else 0
 
 
-def _training_started(out: Path, run_dir: Path) -> bool:
-    """rank 0 logged its first iteration."""
+def _iterations_logged(out: Path, run_dir: Path) -> int:
+    """Rows rank 0 has logged to metrics.csv."""
     try:
-        return len((run_dir / "metrics.csv").read_text().splitlines()) > 1
+        return max(0, len((run_dir / "metrics.csv").read_text().splitlines()) - 1)
     except OSError:
-        return False
+        return 0
 
 
 def _env() -> dict[str, str]:
@@ -199,14 +200,14 @@ def build_stages(root: Path, shape: tuple[int, int, int], iterations: int) -> di
                         "block_shape=2,64,64", "output_chunks=2,64,64", "workers=1", "threads_per_worker=1",
                         "batch_size=4", *blocks, f"run_dir={run_dir}")
         return Stage("infer", cmd, ("Predictor",), ("read_blocks", "write_blocks"), _same_bytes,
-                     lambda o, r: hashes(o), _blocks_computed("infer_summary.json"), _blocks_started)
+                     lambda o, r: hashes(o), _blocks_computed("infer_summary.json"), _blocks_done)
 
     def instances() -> Stage:
         def cmd(out: Path, run_dir: Path) -> list[str]:
             return _cli("instances", f"source={data['labels']}", f"output={out}", "split=watershed",
                         "watershed.h_nm=10", "block_shape=2,64,64", "chunk=2,64,64", *blocks, f"run_dir={run_dir}")
         return Stage("instances", cmd, (), ("_fused",), _same_bytes, lambda o, r: hashes(o),
-                     lambda o, r: _blocks_computed("summary.json")(o, o), _blocks_started)
+                     lambda o, r: _blocks_computed("summary.json")(o, o), _blocks_done)
 
     segmentation: dict[str, str] = {}
 
@@ -222,7 +223,7 @@ def build_stages(root: Path, shape: tuple[int, int, int], iterations: int) -> di
             return _cli("export", segmentation["url"], f"precomputed://file://{out}", "task_voxels=32768",
                         "blocks_per_batch=1", "--pyramid", "--mesh", "--chunk", "2,64,64", f"--run-dir={run_dir}")
         return Stage("export", cmd, (), ("_fused",), _same_bytes, lambda o, r: hashes(o),
-                     _blocks_computed("export_summary.json"), _blocks_started)
+                     _blocks_computed("export_summary.json"), _blocks_done)
 
     def training(kind: str) -> Stage:
         cfg_file = root / f"{kind}.yaml"
@@ -242,7 +243,7 @@ def build_stages(root: Path, shape: tuple[int, int, int], iterations: int) -> di
         def cmd(out: Path, run_dir: Path) -> list[str]:
             return _cli(kind, str(cfg_file), f"run_dir={run_dir}")
         return Stage(kind, cmd, ("TrainWorker",), ("TrainWorker", "Controller"), _training_check(iterations),
-                     lambda o, r: None, _resumed_from, _training_started)
+                     lambda o, r: None, _resumed_from, _iterations_logged)
 
     return {"infer": infer, "instances": instances, "export": export,
             "finetune": lambda: training("finetune"), "pretrain": lambda: training("pretrain")}
@@ -252,7 +253,7 @@ def trial(stage: Stage, i: int, seed: int, root: Path, clean: Any, window: tuple
     rng = random.Random(f"{stage.name}:{seed}:{i}")
     kinds = KINDS if stage.actor else ("driver", "worker")
     kind = kinds[rng.randrange(len(kinds))]
-    at = rng.uniform(*window)  # between the clean run's first finished unit of work and its end
+    at = rng.uniform(*window)  # between the clean run's first and last finished unit of work
     out, run_dir = root / f"{stage.name}-{i}", root / f"{stage.name}-{i}-run"
     cmd = stage.command(out, run_dir)
     proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -303,15 +304,20 @@ def run_stage(stage: Stage, root: Path, trials: int, seed: int, only: int | None
     t = time.perf_counter()
     proc = subprocess.Popen(stage.command(out, run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    work_s = None
+    first_s = last_s = None  # when the first and the last unit of work finished
+    done = 0
     while proc.poll() is None:
-        if work_s is None and stage.started(out, run_dir):
-            work_s = time.perf_counter() - t
+        now = stage.progress(out, run_dir)
+        if now > done:
+            done, last_s = now, time.perf_counter() - t
+            first_s = last_s if first_s is None else first_s
         time.sleep(0.05)
     clean_s = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"clean {stage.name} run failed:\n{proc.stderr.read()[-3000:]}")
-    window = (work_s if work_s is not None else 0.4 * clean_s, 0.97 * clean_s)
+    if first_s is None or last_s is None or last_s - first_s < 1.0:
+        first_s, last_s = 0.4 * clean_s, 0.97 * clean_s
+    window = (first_s, last_s)  # kills land while blocks (iterations) are being done
     problem = stage.check(out, run_dir, stage.reference(out, run_dir))
     if problem:
         raise RuntimeError(f"clean {stage.name} run fails its own check: {problem}")
