@@ -9,7 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +76,45 @@ def world(tmp_path_factory, ray_local):
     assert main(["infer", f"input={r / 'vol.zarr'}", f"output={r / 'done'}", f"checkpoint={r / 'ckpt'}",
                  "block_shape=2,32,32", "output_chunks=2,32,32", "workers=1", "progress=false",
                  f"run_dir={r / 'run'}"]) == 0
-    return r
+    mounts = _unwritable_places(r)
+    yield r
+    for m in mounts:
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
+    (r / "readonly").chmod(0o755)
+
+
+def _tmpfs(path: Path, options: str) -> bool:
+    """A tmpfs mounted at `path` (root only); False where this machine does not allow mounts."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def _unwritable_places(r: Path) -> list[Path]:
+    """r/readonly: a directory no one may write to (a read-only tmpfs as root, mode 555 otherwise); r/full: a
+    1 MiB tmpfs filled to the last byte, holding a finished output (root only: mounts need it)."""
+    mounts = []
+    (r / "readonly").mkdir()
+    if _tmpfs(r / "readonly", "ro,size=1m"):
+        mounts.append(r / "readonly")
+    else:
+        (r / "readonly").chmod(0o555)
+    (r / "full").mkdir()
+    if _tmpfs(r / "full", "size=1m"):
+        mounts.append(r / "full")
+        shutil.copytree(r / "done", r / "full" / "done")
+        fd = os.open(r / "full" / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):  # fill the disk to the last block
+            while os.write(fd, b"\0" * 4096):
+                pass
+        os.close(fd)
+    return mounts
+
+
+def _on_full_disk(r: Path) -> Path:
+    if not os.path.ismount(r / "full"):
+        pytest.skip("a full disk is simulated with a tmpfs, which needs root")
+    return r / "full"
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -133,6 +176,13 @@ CASES = [
     ("watershed keys without split=watershed",
      lambda r: ["instances", f"source={r / 'done'}", f"output={r / 'objects'}", "watershed.h_nm=5"],
      r"split=none: add split=watershed"),
+    ("no write permission", lambda r: infer(r, output=r / "readonly" / "out"),
+     r"output '.*readonly/out': (no permission to write|.*is on a read-only file system).*choose an output"),
+    ("full disk", lambda r: infer(r, output=_on_full_disk(r) / "out"),
+     r"no space left on the device of .*full.*free space there or choose an output on another disk"),
+    ("fine-tune run_dir on a full disk", lambda r: finetune(r, f"[{{image: {r / 'vol.tif'}, labels: {r / 'lab.tif'}}}]",
+                                                            run_dir=_on_full_disk(r) / "ft"),
+     r"run_dir .*full/ft.*no space left.*free space there"),
     ("curate: patch larger than the volume",
      lambda r: ["curate", f"sources={r / 'vol.zarr'}", f"output={r / 'done'}", "patch=128"], r"smaller than a patch"),
 ]
@@ -141,16 +191,16 @@ CASES = [
 @pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_names_the_fix_and_touches_nothing(world, name, argv, message):
     before = _digest(world / "done")
+    full_before = _digest(world / "full")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = main([str(a) for a in argv(world)])
     text = " ".join(err.getvalue().split())
     assert rc == 2, f"{name}: exit {rc}; stderr: {text[-1500:]}"
     assert "Traceback" not in text
-    import re
-
     assert re.search(message, text), f"{name}: {text[-800:]}"
     assert _digest(world / "done") == before, f"{name} changed the existing output"
+    assert _digest(world / "full") == full_before, f"{name} changed the output on the full disk"
 
 
 def test_a_missing_zarr_chunk_reads_as_the_fill_value(world, tmp_path):
@@ -164,3 +214,73 @@ def test_a_missing_zarr_chunk_reads_as_the_fill_value(world, tmp_path):
 
     data = open_volume(str(src)).read()
     assert (data == 0).any() and data.shape == SHAPE
+
+
+def test_a_disk_that_fills_mid_run_fails_clearly_and_the_rerun_finishes_the_same_bytes(world, tmp_path):
+    """A disk can fill after the checks passed: the run stops with exit 2 and what to do, the blocks written so
+    far stay done, and once there is space the same command writes only the rest, to a clean run's bytes."""
+    disk = _on_full_disk(world).parent / "filling"
+    disk.mkdir()
+    if not _tmpfs(disk, "size=20m"):
+        pytest.skip("needs a tmpfs")
+    try:
+        src = tmp_path / "em.zarr"
+        vol = np.random.default_rng(1).integers(0, 255, (24, 1024, 1024), dtype=np.uint8)  # 24 MiB raw: over 20 MiB
+        create_ome_zarr(src, vol.shape, np.uint8, (8, 256, 256), (4.0, 4.0, 40.0)).write(vol).result()
+        args = ["task_voxels=2097152", "--encoding", "raw", "--chunk", "8,256,256", "--no-sharded"]
+
+        def export(dest: Path, run: Path) -> tuple[int, str]:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                rc = main(["export", str(src), f"precomputed://file://{dest}", *args, f"--run-dir={run}", "--json"])
+            return rc, " ".join(err.getvalue().split())
+
+        rc, text = export(disk / "em", tmp_path / "run")
+        assert rc == 2 and "Traceback" not in text, text[-1500:]
+        assert re.search(r"no space left on the device of the output: free space .* rerun the same command, the "
+                         r"blocks already written are kept", text), text[-800:]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc, text = export(disk / "em", tmp_path / "run")
+        assert rc == 0, text[-1500:]
+        blocks = json.loads(out.getvalue().strip().splitlines()[-1])["blocks"]["scale0"]
+        assert 0 < blocks["skipped"] < blocks["blocks"], blocks  # only the rest was written
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert export(tmp_path / "clean", tmp_path / "clean_run")[0] == 0
+        layer = {k: v for k, v in _digest(disk / "em").items() if not k.startswith(".vemscale-ledger")}
+        assert layer == {k: v for k, v in _digest(tmp_path / "clean").items() if not k.startswith(".vemscale-ledger")}
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_an_s3_input_without_credentials_says_to_set_them(world, tmp_path):
+    """A private bucket read with no AWS credentials in the environment: exit 2, the 403 and how to give them."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from test_jobs import free_ports
+
+    port = free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="AKIAVEMSCALETEST",
+                              aws_secret_access_key="test-secret")
+        client.create_bucket(Bucket="private")
+        for f in sorted((world / "vol.zarr").rglob("*")):
+            if f.is_file():
+                client.upload_file(str(f), "private", f"vol.zarr/{f.relative_to(world / 'vol.zarr').as_posix()}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", HOME=str(tmp_path))  # no ~/.aws either
+        before = _digest(world / "done")
+        r = subprocess.run([sys.executable, "-m", "vemscale.cli", *infer(world, input="s3://private/vol.zarr")],
+                           env=env, capture_output=True, text=True, timeout=120)
+        text = " ".join(r.stderr.split())
+        assert r.returncode == 2 and "Traceback" not in text, text[-1500:]
+        assert re.search(r"s3://private/vol.zarr.*HTTP 403.*no AWS credentials were found \(AWS_ACCESS_KEY_ID", text), \
+            text[-800:]
+        assert _digest(world / "done") == before
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -73,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = module.run_cli(args) or {}
     except (UserError, FileNotFoundError) as err:
         print(f"vemscale {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a disk that fills or a store that refuses mid-run: say what to do, not a traceback
+        from vemscale.io.writable import storage_hint
+
+        hint = storage_hint(err)
+        if hint is None:
+            raise
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # Ray colours its task names
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+        print(f"vemscale {args.stage}: error: {hint}\n  (what failed: {first[:300]})", file=sys.stderr)
         return 2
     if args.json:
         sys.stdout.flush()

@@ -95,6 +95,9 @@ def _check_output(output: str) -> None:
             raise UserError(f"output {output!r} is a file; the output is a directory")
         if os.path.isdir(path) and os.listdir(path) and not {CORPUS_FILE, ".vemscale-ledger"} & set(os.listdir(path)):
             raise UserError(f"output {output!r} is a non-empty directory that is not a vemscale corpus")
+        from vemscale.io.writable import check_writable
+
+        check_writable(path)
         return
     import tensorstore as ts
 

@@ -22,11 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from vemscale.errors import UserError
 from vemscale.blocks.ledger import LEDGER_DIR
+from vemscale.errors import UserError
 from vemscale.io.ome_zarr import create_ome_zarr, write_group_attrs
 from vemscale.io.shards import Layout
 from vemscale.io.urls import ParsedUrl, join_url, kvstore_url, parse_url
+from vemscale.io.writable import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ def check_output(url: str) -> ParsedUrl:
         raise UserError(f"output {url!r} must be a directory/URL for OME-Zarr (default) or precomputed://...")
     if parsed.remote:
         return parsed
-        return
     path = parsed.location
     if os.path.isfile(path):
         raise UserError(f"output {url!r} is a file; the output is a directory holding {' and '.join(LAYERS)}")
@@ -83,6 +83,7 @@ def check_output(url: str) -> ParsedUrl:
         ours = {".zgroup", ".zattrs", "zarr.json", LEDGER_DIR, *LAYERS}
         if not ours & set(os.listdir(path)):
             raise UserError(f"output {url!r} is a non-empty directory that is not a vemscale output; choose another path")
+    check_writable(path)
     return parsed
 
 

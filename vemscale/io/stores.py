@@ -53,7 +53,10 @@ def _result(future: Any, what: str) -> Any:
     try:
         return future.result()
     except ValueError as err:  # tensorstore reports I/O, auth and format errors as ValueError
-        raise UserError(f"cannot open {what}: {err}") from None
+        from vemscale.io.writable import storage_hint
+
+        hint = storage_hint(err)
+        raise UserError(f"cannot open {what}: {err}" + (f"; {hint}" if hint else "")) from None
 
 
 def _to_zyx(store: ts.TensorStore, names: Sequence[str | None], types: Sequence[str | None] | None = None,

@@ -108,6 +108,9 @@ def _check_output(output: str) -> None:
             raise UserError(f"output {output!r} is a file; the output is a directory")
         if os.path.isdir(path) and os.listdir(path) and not {".zattrs", "zarr.json", "segmentation"} & set(os.listdir(path)):
             raise UserError(f"output {output!r} is a non-empty directory that is not a vemscale instances output")
+        from vemscale.io.writable import check_writable
+
+        check_writable(path)
 
 
 def run_instances(cfg: InstancesConfig) -> dict[str, Any]:

@@ -306,11 +306,13 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from vemscale.io.writable import check_writable
     from vemscale.raycluster import cluster_has_gpus, ensure_ray
     from vemscale.train.loop import train_loop_per_worker
 
     derived = prepare(cfg)
     run_dir = cfg.run_dir.resolve()
+    check_writable(run_dir, "run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     if worker_resources:

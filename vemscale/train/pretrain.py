@@ -173,11 +173,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from vemscale.io.writable import check_writable
     from vemscale.raycluster import cluster_has_gpus, ensure_ray
     from vemscale.train.pretrain_loop import pretrain_loop_per_worker
 
     derived = prepare(cfg)
     run_dir = cfg.run_dir.resolve()
+    check_writable(run_dir, "run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     use_gpu = cluster_has_gpus() if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
