@@ -8,7 +8,8 @@ work (ledger markers; logged iterations) and kills one of:
 - the driver, with its whole session (as a crash of the machine running it would); the same command is
   then rerun and resumes through the stage's ledger or checkpoints;
 - the stage's main actor (the model actor of infer, a Ray Train worker of the training stages);
-- another Ray worker process (a running task of the stage where one runs, else Ray's helper actors).
+- another Ray worker process: a running task of the stage (read, write, label...; the kill waits up to
+  TASK_WAIT_S for one), else one of Ray's helpers (Ray Data's actors, the dashboard and runtime-env agents).
 After a worker kill the run must finish by itself or, where Ray cannot recover it, exit non-zero so that
 the rerun finishes it. The check then: for infer, instances and export every output file (ledger, scratch
 and timing summaries excluded) equals the clean run's, byte for byte; for finetune and pretrain the final
@@ -40,6 +41,7 @@ from vemscale.bench import emit
 KINDS = ("driver", "actor", "worker")
 SKIP_PARTS = {".vemscale-ledger", ".vemscale-scratch"}  # bookkeeping: may differ after a kill by design
 SKIP_FILES = {"summary.json"}  # timings
+TASK_WAIT_S = 3.0  # a worker kill waits this long for a task of the stage to be running before it takes a helper
 
 
 def _session_pids(sid: int) -> list[tuple[int, str]]:
@@ -199,7 +201,7 @@ def build_stages(root: Path, shape: tuple[int, int, int], iterations: int) -> di
             return _cli("infer", f"input={data['image']}", f"output={out}", f"checkpoint={ckpt}",
                         "block_shape=2,64,64", "output_chunks=2,64,64", "workers=1", "threads_per_worker=1",
                         "batch_size=4", *blocks, f"run_dir={run_dir}")
-        return Stage("infer", cmd, ("Predictor",), ("read_blocks", "write_blocks"), _same_bytes,
+        return Stage("infer", cmd, ("Predictor",), ("read_blocks", "write_blocks", "_mark_after"), _same_bytes,
                      lambda o, r: hashes(o), _blocks_computed("infer_summary.json"), _blocks_done)
 
     def instances() -> Stage:
@@ -266,6 +268,9 @@ def trial(stage: Stage, i: int, seed: int, root: Path, clean: Any, window: tuple
                 kill_session(proc.pid)
             else:
                 cands = _workers(proc.pid, kind, stage)
+                waited = time.monotonic() - t0 - at
+                if kind == "worker" and waited < TASK_WAIT_S and not any(t in c for _, c in cands for t in stage.tasks):
+                    cands = []  # no task of the stage runs this instant: look again (Ray's helpers after a while)
                 if cands:
                     pid, what = cands[rng.randrange(len(cands))]
                     try:
