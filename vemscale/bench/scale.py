@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-blocks", type=int, default=2048, help="blocks the pre-engine baseline runs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run: every figure's name)")
+    parser.add_argument("--e2e-shape", default="20,2048,2048", help="z,y,x of the mirror-tiled real volume for e2e")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json-out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"duty: predict busy {r['engine_predict_busy']:.3f} (baseline {r['baseline_predict_busy']:.3f}: "
                   f"{r['busy_ratio']}x) with reads at {r['bandwidth_mb_s']:.0f} MB/s + {r['latency_ms']:.0f} ms", flush=True)
         if "e2e" in sections:
-            shape = (4, 512, 512) if args.quick else (20, 2048, 2048)
+            shape = (4, 512, 512) if args.quick else tuple(int(v) for v in args.e2e_shape.split(","))
             r = results["e2e"] = e2e(root, shape, threads=int(cpus) or 2)
             print(f"e2e: vemscale infer (whole command) {r['vemscale_voxels_per_s']:.0f} voxels/s vs MONAI "
                   f"{r['monai_voxels_per_s']:.0f} voxels/s: ratio {r['ratio']} on {r['mvoxels']} Mvoxel", flush=True)
