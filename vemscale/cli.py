@@ -11,7 +11,6 @@ import argparse
 import importlib
 import json
 import logging
-import re
 import sys
 from typing import Any
 
@@ -79,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         from vemscale.io.writable import storage_hint
 
         hint = storage_hint(err)
-        if hint is None:
+        if hint is None or args.verbose:  # -v keeps the whole traceback
             raise
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # Ray colours its task names
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
-        print(f"vemscale {args.stage}: error: {hint}\n  (what failed: {first[:300]})", file=sys.stderr)
+        print(f"vemscale {args.stage}: error: {hint}", file=sys.stderr)
         return 2
     if args.json:
         sys.stdout.flush()

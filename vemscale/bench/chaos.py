@@ -258,7 +258,8 @@ def trial(stage: Stage, i: int, seed: int, root: Path, clean: Any, window: tuple
     at = rng.uniform(*window)  # between the clean run's first and last finished unit of work
     out, run_dir = root / f"{stage.name}-{i}", root / f"{stage.name}-{i}-run"
     cmd = stage.command(out, run_dir)
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(root / f"{stage.name}-{i}.log", "w")  # a file, not a pipe: Ray's logs would fill a pipe and block
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=log)
     t0 = time.monotonic()
     killed, what, when = None, "", None
     while proc.poll() is None and killed is None:
@@ -282,16 +283,27 @@ def trial(stage: Stage, i: int, seed: int, root: Path, clean: Any, window: tuple
     try:
         rc = proc.wait(timeout=600)
     except subprocess.TimeoutExpired:
-        rc = -1  # hung after the kill: the rerun must still finish it
+        rc = None  # hung after the kill: a finding, whatever the rerun does
     kill_session(proc.pid)  # anything the run left behind
+    log.close()
     reran = rc != 0
     recomputed = None
     row: dict[str, Any] = {"stage": stage.name, "trial": i, "killed": kind if killed else "-", "what": what[:60],
                            "at_s": round(when, 2) if when is not None else round(at, 2), "first_rc": rc}
+    if rc is None:
+        return {**row, "outcome": "FAILED: hung for 600 s after the kill"}
     if reran:
-        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, start_new_session=True, timeout=900)
-        if r.returncode != 0:
-            return {**row, "outcome": "rerun failed", "error": r.stderr[-400:]}
+        with open(root / f"{stage.name}-{i}-rerun.log", "w+") as rlog:
+            r = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=rlog)
+            try:
+                rerun_rc = r.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                rerun_rc = None
+            kill_session(r.pid)
+            rlog.seek(0)
+            tail = rlog.read()[-400:]
+        if rerun_rc != 0:
+            return {**row, "outcome": "rerun failed", "error": "the rerun hung for 900 s" if rerun_rc is None else tail}
         recomputed = stage.recomputed(out, run_dir)
     problem = stage.check(out, run_dir, clean)
     if problem:
@@ -307,8 +319,9 @@ def trial(stage: Stage, i: int, seed: int, root: Path, clean: Any, window: tuple
 def run_stage(stage: Stage, root: Path, trials: int, seed: int, only: int | None) -> dict[str, Any]:
     out, run_dir = root / f"{stage.name}-clean", root / f"{stage.name}-clean-run"
     t = time.perf_counter()
-    proc = subprocess.Popen(stage.command(out, run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    log_path = root / f"{stage.name}-clean.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(stage.command(out, run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=log)
     first_s = last_s = None  # when the first and the last unit of work finished
     done = 0
     while proc.poll() is None:
@@ -318,8 +331,9 @@ def run_stage(stage: Stage, root: Path, trials: int, seed: int, only: int | None
             first_s = last_s if first_s is None else first_s
         time.sleep(0.05)
     clean_s = time.perf_counter() - t
+    log.close()
     if proc.returncode != 0:
-        raise RuntimeError(f"clean {stage.name} run failed:\n{proc.stderr.read()[-3000:]}")
+        raise RuntimeError(f"clean {stage.name} run failed:\n{log_path.read_text()[-3000:]}")
     if first_s is None or last_s is None or last_s - first_s < 1.0:
         first_s, last_s = 0.4 * clean_s, 0.97 * clean_s
     window = (first_s, last_s)  # kills land while blocks (iterations) are being done

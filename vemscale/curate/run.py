@@ -144,6 +144,9 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     output = absolute_url(cfg.output)
     _check_output(output)
+    from vemscale.io.writable import check_writable
+
+    check_writable(cfg.run_dir, "run_dir")
     for s in cfg.sources:
         s.path = absolute_url(s.path)
     out_kv_url = kvstore_url(parse_url(output))

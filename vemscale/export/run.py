@@ -80,6 +80,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     plan = plan_layer(cfg, SHARD_ABOVE_CHUNKS)
+    from vemscale.io.writable import check_writable
+
+    check_writable(cfg.run_dir, "run_dir")
     vol, url, seg = plan["volume"], plan["url"], plan["layer_type"] == "segmentation"
     store = create_precomputed(url, vol.shape[-3:], plan["dtype"], plan["voxel"], plan["layer_type"], plan["channels"],
                                cfg.chunk, plan["sharded"], plan["encoding"],

@@ -35,6 +35,7 @@ from vemscale.infer.outputs import check_output, prepare_outputs
 from vemscale.infer.predictor import Predictor, grid_and_normalizer, weights_sha256
 from vemscale.infer.tiling import TileGrid
 from vemscale.infer.tissue import check_mask_cell, make_tissue_mask
+from vemscale.io.writable import check_writable
 from vemscale.io.shards import Layout, ShardKeys, plan_layout
 from vemscale.io.urls import parse_url
 
@@ -285,6 +286,7 @@ def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
     k = int(meta.model.get("num_classes", len(meta.classes)))
     classes = list(meta.classes) if len(meta.classes) == k else [f"class_{i}" for i in range(k)]
     check_output(cfg.output)
+    check_writable(cfg.run_dir, "run_dir")  # written at the end: refuse now, not after every block
     if cfg.overwrite:  # forget done blocks before any output is deleted, so a kill in between cannot skip them
         Ledger.invalidate(ledger_url(cfg.output))
     layers = prepare_outputs(cfg.output, plan.volume_shape, volume.voxel_size_xyz, classes, layout,

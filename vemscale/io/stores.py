@@ -53,9 +53,9 @@ def _result(future: Any, what: str) -> Any:
     try:
         return future.result()
     except ValueError as err:  # tensorstore reports I/O, auth and format errors as ValueError
-        from vemscale.io.writable import storage_hint
+        from vemscale.io.writable import access_hint
 
-        hint = storage_hint(err)
+        hint = access_hint(err)
         raise UserError(f"cannot open {what}: {err}" + (f"; {hint}" if hint else "")) from None
 
 

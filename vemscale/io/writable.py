@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 
@@ -38,6 +39,9 @@ def check_writable(path: str | os.PathLike[str], what: str = "output", min_free:
     """UserError unless a file can be created (and removed) where local `path` is or would be created, and the
     disk there has `min_free` bytes free. Nothing is left behind. Remote URLs are not probed here (the
     object store answers their first write; `storage_hint` explains a refusal)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {os.fspath(path)!r} exists and is not a directory (a file or a broken link); "
+                        "remove it or choose another path")
     where = _existing_dir(os.fspath(path))
     try:
         fd, probe = tempfile.mkstemp(prefix=".vemscale-write-probe-", dir=where)
@@ -77,17 +81,34 @@ def _credentials_hint() -> str:
             "bucket, or check the bucket name and AWS_ENDPOINT_URL")
 
 
-def storage_hint(err: BaseException | str) -> str | None:
-    """What to do about a storage failure met while running (its text, remote tracebacks included), or None when
-    `err` is not one. Finished blocks stay in the ledger, so the advice ends in rerunning the same command."""
+def _failed_line(text: str, sign: str) -> str:
+    """The line of `text` (a remote traceback included) that holds `sign`, without Ray's colour codes."""
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+        if sign in line:
+            return line.strip()[:400]
+    return sign
+
+
+def access_hint(err: BaseException | str) -> str | None:
+    """What to do when an object store answered 403, or None when `err` is not that."""
     text = str(err)
-    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
-    if code not in _FIX:
-        code = next((c for sign, c in _SIGNS if sign in text), None)
-    if code is not None:
-        problem, fix = _FIX[code]
-        return (f"{problem.format(where='the output')}: {fix}; then rerun the same command, the blocks already "
-                "written are kept and skipped")
     if "PERMISSION_DENIED" in text or "http_response_code='403'" in text or "AccessDenied" in text:
         return f"the object store refused access (HTTP 403): {_credentials_hint()}"
     return None
+
+
+def storage_hint(err: BaseException | str) -> str | None:
+    """What to do about a storage failure met while running (a full disk, a path without permission, a 403), or
+    None when `err` is not one. It quotes the failing line (a remote traceback included), so the path it names
+    is the one to fix; finished blocks stay in the ledger, so the advice ends in rerunning the same command."""
+    text = str(err)
+    if isinstance(err, OSError) and err.errno in _FIX:
+        where = repr(err.filename) if err.filename else "a path the run writes or reads"
+        problem, fix = _FIX[err.errno]
+        return f"{problem.format(where=where)} ({err.strerror}): {fix}; then rerun the same command"
+    for sign, code in _SIGNS:
+        if sign in text:
+            problem, fix = _FIX[code]
+            return (f"{problem.format(where='the path in this line')}: {fix}; then rerun the same command, the "
+                    f"blocks already written are kept and skipped\n  {_failed_line(text, sign)}")
+    return access_hint(err)

@@ -130,6 +130,9 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
     source = open_source(cfg.source, cfg.classes, cfg.threshold)
     output = absolute_url(cfg.output)
     _check_output(output)
+    from vemscale.io.writable import check_writable
+
+    check_writable(cfg.run_dir, "run_dir")
     shape = source.shape
     voxel = cfg.voxel_size or source.volume.voxel_size_xyz
     if voxel is None:
