@@ -35,10 +35,14 @@ def _existing_dir(path: str) -> str:
     return path
 
 
-def check_writable(path: str | os.PathLike[str], what: str = "output", min_free: int = MIN_FREE_BYTES) -> None:
+def check_writable(path: str | os.PathLike[str], what: str = "output", min_free: int | None = None) -> None:
     """UserError unless a file can be created (and removed) where local `path` is or would be created, and the
-    disk there has `min_free` bytes free. Nothing is left behind. Remote URLs are not probed here (the
-    object store answers their first write; `storage_hint` explains a refusal)."""
+    disk there has `min_free` bytes free (default MIN_FREE_BYTES; env VEMSCALE_MIN_FREE_MB overrides it, 0 turns
+    it off for file systems that report no free space, e.g. some FUSE mounts). Nothing is left behind. Remote
+    URLs are not probed here (the object store answers their first write; `storage_hint` explains a refusal)."""
+    if min_free is None:
+        env = os.environ.get("VEMSCALE_MIN_FREE_MB", "").strip()
+        min_free = int(float(env) * 2**20) if env else MIN_FREE_BYTES
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {os.fspath(path)!r} exists and is not a directory (a file or a broken link); "
                         "remove it or choose another path")
@@ -58,7 +62,8 @@ def check_writable(path: str | os.PathLike[str], what: str = "output", min_free:
     if free < min_free:
         raise UserError(f"{what} {os.fspath(path)!r}: only {free / 2**20:.1f} MiB free on the device of {where} (a run "
                         f"needs at least {min_free / 2**20:.0f} MiB to start); free space there or choose an output "
-                        "on another disk")
+                        "on another disk (VEMSCALE_MIN_FREE_MB=0 skips this check where a file system reports no "
+                        "free space)")
 
 
 _SIGNS = (  # (text in an error or its remote traceback, errno it stands for)
