@@ -61,10 +61,10 @@ def pyramid_volume(src: str, path: Path, levels: int) -> str:
     for z in range(0, shape[0], 16):
         slab = vol[z:z + 16].read().result()
         stores[0][z:z + 16].write(slab).result()
-        for lv in range(1, levels):
-            f = 2 ** lv
-            a = slab[:, : shape[1] // f * f, : shape[2] // f * f].reshape(slab.shape[0], shape[1] // f, f, shape[2] // f, f)
-            stores[lv][z:z + 16].write(a.mean(axis=(2, 4)).round().astype(np.uint8)).result()
+    for lv in range(1, levels):  # tensorstore's mean, as the export pyramid
+        down = ts.downsample(stores[0], [1, 2 ** lv, 2 ** lv], method="mean")
+        for z in range(0, shape[0], 16):
+            stores[lv][z:z + 16].write(down[z:z + 16, : stores[lv].shape[1], : stores[lv].shape[2]].read().result()).result()
     attrs = json.loads((path / ".zattrs").read_text())
     ms = attrs["multiscales"][0]
     ms["datasets"] = [{"path": str(lv), "coordinateTransformations": [

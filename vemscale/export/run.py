@@ -80,8 +80,12 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     plan = plan_layer(cfg, SHARD_ABOVE_CHUNKS)
+    from vemscale.io.urls import parse_url
     from vemscale.io.writable import check_writable
 
+    layer = parse_url(plan["url"])
+    if not layer.remote:  # a remote store answers its first write
+        check_writable(layer.location, "dest")
     check_writable(cfg.run_dir, "run_dir")
     vol, url, seg = plan["volume"], plan["url"], plan["layer_type"] == "segmentation"
     store = create_precomputed(url, vol.shape[-3:], plan["dtype"], plan["voxel"], plan["layer_type"], plan["channels"],

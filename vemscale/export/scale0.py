@@ -15,7 +15,6 @@ from vemscale.errors import UserError
 from vemscale.export.precomputed import default_encoding, layer_kvstore, precomputed_dtype, view_spec, \
     write_chunk_aligned_block, write_chunk_shape
 from vemscale.export.steps import open_spec, payloads, run_step
-from vemscale.io.urls import parse_url
 
 __all__ = ["dest_url", "plan_layer", "copy_scale0"]
 
@@ -65,14 +64,8 @@ def plan_layer(cfg: Any, shard_above_chunks: int = 4096) -> dict[str, Any]:
         attrs = {"vemscale": {"kind": "probabilities", "classes": cfg.classes or [f"class_{i}" for i in range(channels)]}}
     elif layer_type == "segmentation" and cfg.classes:
         attrs = {"vemscale": {"kind": "classes", "classes": cfg.classes}}
-    url = dest_url(cfg.dest)
-    local = parse_url(url)
-    if not local.remote:
-        from vemscale.io.writable import check_writable
-
-        check_writable(local.location, "dest")
     return {"volume": vol, "layer_type": layer_type, "dtype": dtype, "channels": channels, "voxel": tuple(voxel),
-            "encoding": encoding, "sharded": sharded, "attrs": attrs, "url": url}
+            "encoding": encoding, "sharded": sharded, "attrs": attrs, "url": dest_url(cfg.dest)}
 
 
 def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run: str) -> bytes | None:

@@ -13,11 +13,11 @@ from vemscale.errors import UserError
 
 MIN_FREE_BYTES = 16 << 20  # below this much free space a run cannot write its first blocks and its ledger
 
+_NO_PERMISSION = ("no permission to write in {where}", "choose an output you can write to, or fix the directory's "
+                  "owner/permissions (ls -ld; chmod/chown)")
 _FIX = {
-    errno.EACCES: ("no permission to write in {where}", "choose an output you can write to, or fix the directory's "
-                   "owner/permissions (ls -ld; chmod/chown)"),
-    errno.EPERM: ("no permission to write in {where}", "choose an output you can write to, or fix the directory's "
-                  "owner/permissions (ls -ld; chmod/chown)"),
+    errno.EACCES: _NO_PERMISSION,
+    errno.EPERM: _NO_PERMISSION,
     errno.EROFS: ("{where} is on a read-only file system", "choose an output on a writable disk (or remount it rw)"),
     errno.ENOSPC: ("no space left on the device of {where}", "free space there or choose an output on another disk"),
     errno.EDQUOT: ("disk quota exceeded in {where}", "free space within your quota or choose another output"),
