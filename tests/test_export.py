@@ -76,14 +76,21 @@ def test_plan_factors_anisotropic_then_isotropic() -> None:
     assert plan_factors((4.6, 4.6, 50), (10, 300, 260), (4, 64, 64), max_scales=3) == [(1, 2, 2), (1, 2, 2)]
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
-def test_image_and_segmentation_pyramids_match_numpy(ray_local, crops, tmp_path: Path, sharded: bool) -> None:
+@pytest.mark.parametrize("sharded,task_voxels", [(False, 2**15), (True, 2**15), (False, 2**20)],
+                         ids=["unsharded", "sharded", "fused-levels"])
+def test_image_and_segmentation_pyramids_match_numpy(ray_local, crops, tmp_path: Path, sharded: bool,
+                                                     task_voxels: int) -> None:
+    """Every scale equals the numpy reference, whether levels are computed level by level from the stored scale
+    below (small blocks) or written by the scale-0 blocks from memory (blocks of 10x256x256: levels 1 and 2)."""
     em, classes = crops["em"], crops["classes"]
     names = ["background", "membrane", "glia", "mitochondria", "synapse"]
-    img = _export(source=crops["em_url"], dest=str(tmp_path / "em"), pyramid=True, max_scales=3, sharded=sharded)
+    img = _export(source=crops["em_url"], dest=str(tmp_path / "em"), pyramid=True, max_scales=3, sharded=sharded,
+                  task_voxels=task_voxels)
     seg = _export(source=crops["classes_url"], dest=str(tmp_path / "seg"), layer_type="segmentation", pyramid=True,
-                  max_scales=3, sharded=sharded, classes=names)
+                  max_scales=3, sharded=sharded, classes=names, task_voxels=task_voxels)
     assert img["type"] == "image" and seg["type"] == "segmentation" and seg["dtype"] == "uint32"
+    fused = [[s["scale"] for s in r["scales"] if s.get("fused_into")] for r in (img, seg)]
+    assert fused == ([[1, 2], [1, 2]] if task_voxels == 2**20 else [[], []])
     for layer, ref0, method, encoding in ((tmp_path / "em", em, "mean", "raw"),
                                           (tmp_path / "seg", classes.astype(np.uint32), "mode", "compressed_segmentation")):
         info = read_info(str(layer))
@@ -230,29 +237,46 @@ def _step_done(layer: Path, step: str) -> int:
 
 def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, tmp_path: Path) -> None:
     """SIGKILL a whole `vemscale export` (driver, its Ray, its workers) in the middle of scale 0, rerun: only the
-    blocks not in the ledger are recomputed, and every file equals a clean export's."""
+    blocks not in the ledger are recomputed, and every file equals a clean export's. Blocks of 10x32x32 write
+    pyramid level 1 with scale 0 (fused), so the kill also lands inside that level."""
     from conftest import kill_cli_when
 
-    args = {"layer_type": "segmentation", "pyramid": True, "max_scales": 2, "mesh": True, "mesh_scale": 0,
-            "mesh_reduction": 0, "sharded": False, "task_voxels": 4 * 64 * 64, "blocks_per_batch": 1,
+    args = {"layer_type": "segmentation", "pyramid": True, "max_scales": 3, "mesh": True, "mesh_scale": 0,
+            "mesh_reduction": 0, "sharded": False, "task_voxels": 16 * 32 * 32, "blocks_per_batch": 1,
             "max_in_flight": 1}
-    clean = _export(source=crops["objects_url"], dest=str(tmp_path / "clean"), **args)
+    clean = _export(source=crops["objects_url"], dest=str(tmp_path / "clean"), chunk=(2, 16, 16), **args)
     blocks = clean["blocks"]["scale0"]["blocks"]
     assert blocks >= 30
+    assert [s.get("fused_into") for s in clean["scales"]] == ["scale0", None]
     dest = tmp_path / "killed"
     cmd = ["export", crops["objects_url"], str(dest),
-           f"run_dir={tmp_path}/killed_run", "chunk=4,64,64", "shard_voxels=65536",
+           f"run_dir={tmp_path}/killed_run", "chunk=2,16,16", "shard_voxels=65536",
            *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()]]
     kill_cli_when(cmd, lambda: _step_done(dest, "scale0") >= 3, timeout=120, poll=0.01)
     done = _step_done(dest, "scale0")
     assert 3 <= done < blocks, "the kill should land inside scale 0"
-    resumed = _export(source=crops["objects_url"], dest=str(dest), **args)
+    resumed = _export(source=crops["objects_url"], dest=str(dest), chunk=(2, 16, 16), **args)
     b = resumed["blocks"]
     assert (b["scale0"]["computed"], b["scale0"]["skipped"]) == (blocks - done, done)
-    assert b["scale1"]["skipped"] == 0 and b["meshes"]["skipped"] == 0  # never started before the kill
+    assert b["scale1"] == b["scale0"]  # fused: the same blocks
+    assert b["scale2"]["skipped"] == 0 and b["meshes"]["skipped"] == 0  # never started before the kill
     assert _layer_files(dest) == _layer_files(tmp_path / "clean")
-    again = _export(source=crops["objects_url"], dest=str(dest), **args)  # a finished export recomputes nothing
+    again = _export(source=crops["objects_url"], dest=str(dest), chunk=(2, 16, 16), **args)  # nothing to redo
     assert all(step["computed"] == 0 for step in again["blocks"].values())
+
+
+def test_auto_mesh_scale_is_the_coarsest_xy_only_scale_finer_than_half_z() -> None:
+    from vemscale.export.meshes import auto_mesh_scale
+
+    def info(*res: tuple[float, float, float]) -> dict:
+        return {"scales": [{"resolution": list(r)} for r in res]}
+
+    ssTEM = [(4.6, 4.6, 50), (9.2, 9.2, 50), (18.4, 18.4, 50), (36.8, 36.8, 50), (73.6, 73.6, 100)]
+    assert auto_mesh_scale(info(*ssTEM)) == 2  # 18.4 <= 25 < 36.8
+    assert auto_mesh_scale(info(*ssTEM[:2])) == 1 and auto_mesh_scale(info(ssTEM[0])) == 0
+    assert auto_mesh_scale(info((4, 4, 40), (8, 8, 40), (16, 16, 40), (32, 32, 40))) == 2
+    assert auto_mesh_scale(info((8, 8, 8), (16, 16, 16))) == 0  # isotropic: scale 0
+    assert auto_mesh_scale(info((10, 10, 15), (20, 20, 15))) == 0  # scale 1 already coarser than z/2
 
 
 def test_reopening_a_layer_with_another_storage_layout_is_refused(tmp_path):

@@ -121,13 +121,21 @@ def merge_fragments(mesh_kv: str, fragments: dict[int, list[str]], max_in_flight
 
 
 def auto_mesh_scale(info: dict[str, Any]) -> int:
-    """Scale 1 when it is downsampled in xy only and still no coarser than z (anisotropic EM: same z detail,
-    ~4x fewer voxels and ~20x less simplification work than scale 0), else scale 0."""
+    """The coarsest scale reached by xy-only downsampling whose xy voxel is still at most half the z voxel, else 0.
+
+    On anisotropic EM the surface's z steps are the slice thickness at every such scale, so meshing there
+    keeps the detail z allows with many times fewer voxels: 4.6x4.6x50 nm meshes at 18.4x18.4x50 (scale 2,
+    16x fewer voxels and triangles to simplify than scale 0); 4x4x40 nm at 16x16x40. Isotropic data: scale 0.
+    """
     scales = info["scales"]
-    if len(scales) < 2:
-        return 0
-    r0, r1 = scales[0]["resolution"], scales[1]["resolution"]
-    return 1 if r1[2] == r0[2] and max(r1[:2]) <= r1[2] else 0
+    z0 = scales[0]["resolution"][2]
+    best = 0
+    for i, s in enumerate(scales[1:], start=1):
+        res = s["resolution"]
+        if res[2] != z0 or 2 * max(res[:2]) > res[2]:
+            break
+        best = i
+    return best
 
 
 def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: int = 10, max_error_nm: float | None = None,

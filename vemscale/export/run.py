@@ -2,7 +2,8 @@
 
 Order of work: every check a user can fail (source, layer type, dtype, encoding, existing output) raises a
 UserError before Ray starts; then scale 0 is copied in write-chunk-aligned blocks (counting labels on the
-way), then segment properties, the pyramid and the meshes, as asked. Every step runs on the block runner with
+way, and writing the first pyramid levels from each block in memory where their chunks allow), then segment
+properties, the rest of the pyramid and the meshes, as asked. Every step runs on the block runner with
 a ledger inside the layer: rerunning a killed export recomputes only the blocks that were not finished.
 
     vemscale export vol.zarr precomputed://file:///data/em --pyramid
@@ -48,7 +49,7 @@ class ExportConfig(StageConfig):
     pyramid: bool = False
     max_scales: int | None = Field(None, ge=2)  # total scales incl. 0; None = until the xy extent fits one chunk
     mesh: bool = False  # segmentation only
-    mesh_scale: Literal["auto"] | int = "auto"  # scale meshed; auto: 1 on anisotropic EM (xy-only downsampled), else 0
+    mesh_scale: Literal["auto"] | int = "auto"  # scale meshed; auto: coarsest xy-only scale with xy voxel <= z/2
     mesh_reduction: int = Field(10, ge=0)  # triangle reduction factor of the simplification (0/1 = none)
     mesh_max_error_nm: float | None = None  # simplification error bound; default the mesh scale's xy voxel size
     properties: bool = True  # segment properties (labels, volume in um^3) for segmentation layers
@@ -74,7 +75,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from vemscale.export.meshes import write_meshes
     from vemscale.export.precomputed import create_precomputed, write_chunk_shape
     from vemscale.export.properties import write_segment_properties
-    from vemscale.export.pyramid import build_pyramid
+    from vemscale.export.pyramid import build_pyramid, downsample_method, plan_pyramid
     from vemscale.export.scale0 import copy_scale0, plan_layer
     from vemscale.raycluster import ensure_ray
 
@@ -92,13 +93,17 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
                                cfg.chunk, plan["sharded"], plan["encoding"],
                                cfg.jpeg_quality if plan["encoding"] == "jpeg" else None, cfg.overwrite,
                                shard_voxels=cfg.shard_voxels, attrs=plan["attrs"])
+    levels = plan_pyramid(url, cfg.max_scales, shard_voxels=cfg.shard_voxels) if cfg.pyramid else []
     ensure_ray()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     counts, scale0 = copy_scale0(vol, store, cfg.task_voxels, seg, cfg.max_in_flight, url=url,
                                  describe={"voxel_size": list(plan["voxel"]), "encoding": plan["encoding"]},
-                                 blocks_per_batch=cfg.blocks_per_batch)
+                                 blocks_per_batch=cfg.blocks_per_batch, pyramid=levels,
+                                 method=downsample_method(plan["layer_type"]), encoding=plan["encoding"])
     timings["scale0_s"] = time.perf_counter() - t0
+    if scale0["fused"]:
+        log.info("export: scales %s written with scale 0 (from its blocks in memory)", scale0["fused"])
     result: dict[str, Any] = {"layer": url, "type": plan["layer_type"], "dtype": plan["dtype"].name,
                               "shape_zyx": list(vol.shape[-3:]), "channels": plan["channels"],
                               "voxel_size_xyz": list(plan["voxel"]), "encoding": plan["encoding"],
@@ -117,7 +122,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         result["scales"] = build_pyramid(url, cfg.max_scales, cfg.task_voxels, shard_voxels=cfg.shard_voxels,
                                          max_in_flight=cfg.max_in_flight, source_generation=scale0["generation"],
-                                         blocks_per_batch=cfg.blocks_per_batch)
+                                         blocks_per_batch=cfg.blocks_per_batch,
+                                         fused={index: scale0 for index in scale0["fused"]})
         for level in result["scales"]:
             result["blocks"][f"scale{level['scale']}"] = {k: level[k] for k in ("blocks", "computed", "skipped")}
         timings["pyramid_s"] = time.perf_counter() - t0
@@ -161,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pyramid", action="store_true", default=None, help="add downsampled scales")
     parser.add_argument("--max-scales", type=int, default=None, help="total scales including scale 0")
     parser.add_argument("--mesh", action="store_true", default=None, help="meshes of every label (segmentation)")
-    parser.add_argument("--mesh-scale", default=None, help="mesh from this scale (default auto: 1 on anisotropic data)")
+    parser.add_argument("--mesh-scale", default=None, help="mesh from this scale (default auto: the coarsest xy-only scale with xy voxel <= z/2)")
     parser.add_argument("--sharded", action=argparse.BooleanOptionalAction, default=None,
                         help=f"sharded format (default: when scale 0 has more than {SHARD_ABOVE_CHUNKS} chunks)")
     parser.add_argument("--encoding", choices=["auto", "raw", "jpeg", "compressed_segmentation"], default=None)

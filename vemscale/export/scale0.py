@@ -68,8 +68,11 @@ def plan_layer(cfg: Any, shard_above_chunks: int = 4096) -> dict[str, Any]:
             "encoding": encoding, "sharded": sharded, "attrs": attrs, "url": dest_url(cfg.dest)}
 
 
-def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run: str) -> bytes | None:
-    """Copy one write-chunk-aligned box of scale 0; returns its label counts (segmentation) as a payload."""
+def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run: str,
+               levels: list[dict[str, Any]] | None = None, method: str = "mean") -> bytes | None:
+    """Copy one write-chunk-aligned box of scale 0 (and write the pyramid `levels` fused into it from memory);
+    returns its label counts (segmentation) as a payload."""
+    from vemscale.export.pyramid import downsample_in_memory
     from vemscale.post.stats import encode_counts, label_counts
 
     dst = open_spec(dst_spec, write=True, run=run)
@@ -79,24 +82,37 @@ def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run
     dtype = dst.dtype.numpy_dtype
     if data.dtype.kind == "f" and dtype.kind != "f":
         raise ValueError(f"float data into {dtype}")
-    write_chunk_aligned_block(dst, box, data.astype(dtype, copy=False))
+    stored = data.astype(dtype, copy=False)
+    write_chunk_aligned_block(dst, box, stored)
+    if levels:
+        downsample_in_memory(stored, box, levels, method, run)
     return encode_counts(label_counts(data)) if count else None
 
 
 def copy_scale0(volume: Any, store: Any, task_voxels: int, count: bool, max_in_flight: int | None,
-                url: str = "", describe: dict[str, Any] | None = None,
-                blocks_per_batch: int | None = None) -> tuple[dict[int, int], dict[str, Any]]:
-    """Copy `volume` into the scale-0 view `store` blockwise (resumable through the layer's ledger).
+                url: str = "", describe: dict[str, Any] | None = None, blocks_per_batch: int | None = None,
+                pyramid: list[tuple[int, Any, tuple[int, int, int]]] | None = None,
+                method: str = "mean", encoding: str = "raw") -> tuple[dict[int, int], dict[str, Any]]:
+    """Copy `volume` into the scale-0 view `store` blockwise (resumable through the layer's ledger), writing
+    the leading `pyramid` levels (`plan_pyramid`) that `fusable_levels` allows in the same blocks.
 
-    Returns the label counts of all blocks (when `count`) and the step's run summary."""
+    Returns the label counts of all blocks (when `count`) and the step's run summary; its `fused` lists the
+    scale indices written."""
+    from vemscale.export.pyramid import fusable_levels
     from vemscale.post.stats import decode_counts, merge_counts
 
     grid = BlockGrid.aligned(store.shape[-3:], write_chunk_shape(store)[-3:], task_voxels)
     spec = view_spec(store)
+    pyramid = list(pyramid or [])
+    fused = pyramid[: fusable_levels(grid, pyramid, encoding)]
+    levels = [{"spec": view_spec(view), "factors_zyx": [int(k) for k in f]} for _, view, f in fused]
     desc = {"step": "scale0", "version": 1, "source": volume.url, "scale": volume.scale, "shape": list(volume.shape),
             "dtype": str(volume.dtype), "dest": spec, **(describe or {})}
+    if levels:  # a scale 0 written with other fused levels is another step's result
+        desc["fused_levels"] = {"levels": levels, "method": method}
     ledger, summary = run_step(url, "scale0", desc, grid, copy_block,
-                               {"volume": volume, "dst_spec": spec, "count": count, "run": uuid.uuid4().hex},
+                               {"volume": volume, "dst_spec": spec, "count": count, "run": uuid.uuid4().hex,
+                                "levels": levels, "method": method},
                                bytes_per_voxel=2 * volume.dtype.itemsize * (volume.shape[0] if volume.ndim == 4 else 1),
                                max_in_flight=max_in_flight, blocks_per_batch=blocks_per_batch)
     counts: dict[int, int] = {}
@@ -104,4 +120,5 @@ def copy_scale0(volume: Any, store: Any, task_voxels: int, count: bool, max_in_f
         for p in payloads(ledger, grid.num_blocks):
             merge_counts(counts, decode_counts(p))
     summary["generation"] = ledger.generation
+    summary["fused"] = [index for index, _, _ in fused]
     return counts, summary
