@@ -10,9 +10,10 @@ __all__ = ["label_counts", "merge_counts", "volumes_um3", "encode_counts", "deco
 
 
 def label_counts(labels: np.ndarray) -> dict[int, int]:
-    """Voxels per non-zero label of one block."""
-    ids, counts = np.unique(np.asarray(labels).ravel(), return_counts=True)
-    return {int(i): int(c) for i, c in zip(ids, counts) if i != 0}
+    """Voxels per non-zero label of one block (background dropped before the sort: EM labels are mostly 0)."""
+    a = np.asarray(labels)
+    ids, counts = np.unique(a[a != 0], return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts)}
 
 
 def merge_counts(total: dict[int, int], part: Mapping[int, int]) -> dict[int, int]:
