@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vemscale.config import ConfigError, build_config
-from vemscale.train.ssl_augment import (
+from vemscale.train.augment import (
     Normalize,
     RetinaAugmentConfig,
     coarse_dropout,
@@ -105,7 +105,7 @@ def test_config_rejects_bad_values(bad):
 
 def test_crops_stay_inside_the_image_under_quarter_turns():
     """A non-square crop turned by 90 degrees must still lie inside the patch: no reflected pixels."""
-    from vemscale.train.ssl_augment import affine_params
+    from vemscale.train.augment import affine_params
 
     cfg = RetinaAugmentConfig(flips=True, rot90=True, rotate_degrees=0.0, p_resized_crop=1.0,
                               crop_scale=(0.08, 0.6), crop_ratio=(0.5, 1.5))
@@ -115,3 +115,33 @@ def test_crops_stay_inside_the_image_under_quarter_turns():
     assert where.abs().max() <= 1.0 + 1e-6
     turned = (theta[:, 0, 0].abs() < 1e-6)  # quarter turns happened, with non-square crops among them
     assert turned.float().mean() > 0.4 and ((theta[:, 0, 1].abs() - theta[:, 1, 0].abs()).abs() > 0.05)[turned].any()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80)], ids=["square", "non-square"])
+def test_flip_and_quarter_turn_maps_move_pixels_exactly_for_images_and_labels(shape):
+    """One geometry for both stages: the flip/quarter-turn maps `affine_params` draws are applied as exact pixel
+    moves, equal to one of the 8 dihedral moves written with torch.flip/rot90, and to grid_sample's result."""
+    import torch.nn.functional as F
+
+    from vemscale.train.augment import AugmentConfig, affine_params, geometric_pair, is_pixel_move, move_pixels
+
+    h, w = shape
+    x = torch.rand(64, 2, h, w, generator=_gen(9))
+    cfg = RetinaAugmentConfig(flips=True, rot90=h == w, p_resized_crop=0.0)
+    theta = affine_params(64, cfg, _gen(3), "cpu")
+    assert is_pixel_move(theta, (h, w), (h, w))
+    y = move_pixels(x, theta)
+    grid = F.affine_grid(theta, [64, 2, h, w], align_corners=False)
+    assert torch.allclose(y, F.grid_sample(x, grid, mode="bilinear", align_corners=False), atol=1e-5)
+    kinds = set()
+    for i in range(64):
+        moves = {(k, f): torch.rot90(x[i].flip(-1) if f else x[i], k, dims=(-2, -1))
+                 for k in (range(4) if h == w else (0, 2)) for f in (False, True)}
+        hit = [key for key, m in moves.items() if m.shape == y[i].shape and torch.equal(m, y[i])]
+        assert hit, i
+        kinds.add(hit[0])
+    assert len(kinds) == (8 if h == w else 4)  # every move drawn
+    lab = (torch.arange(h * w).view(1, h, w) % 7).expand(64, h, w).contiguous()
+    img, moved = geometric_pair(x, lab, AugmentConfig(), _gen(4))
+    assert moved.dtype == lab.dtype and torch.equal(torch.sort(moved.flatten(1))[0], torch.sort(lab.flatten(1))[0])
+    assert not is_pixel_move(affine_params(4, RetinaAugmentConfig(p_resized_crop=1.0), _gen(), "cpu"), (h, w), (h, w))

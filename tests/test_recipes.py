@@ -112,7 +112,7 @@ def test_command_line_keys_win_over_the_recipe_and_sweep_arms_can_name_it():
 
 
 def test_retina_blur_draws_albumentations_kernel_sizes_and_opencvs_kernels():
-    from vemscale.train.ssl_augment import degrade
+    from vemscale.train.augment import degrade
 
     aug = load_config(PretrainConfig, None, ["recipe=retina"]).augment
     only_blur = aug.model_copy(update={"p_brightness_contrast": 0.0, "p_noise": 0.0, "p_dropout": 0.0, "p_blur": 1.0})
@@ -135,7 +135,7 @@ def test_retina_blur_draws_albumentations_kernel_sizes_and_opencvs_kernels():
 
 
 def test_albumentations_contrast_scales_around_zero_and_vemscales_around_the_mean():
-    from vemscale.train.ssl_augment import degrade
+    from vemscale.train.augment import degrade
 
     aug = load_config(PretrainConfig, None, ["recipe=retina"]).augment
     only_bc = aug.model_copy(update={"p_noise": 0.0, "p_blur": 0.0, "p_dropout": 0.0, "p_brightness_contrast": 1.0,
@@ -148,7 +148,7 @@ def test_albumentations_contrast_scales_around_zero_and_vemscales_around_the_mea
 
 
 def test_retina_noise_has_the_reference_variance_range_and_probability():
-    from vemscale.train.ssl_augment import degrade
+    from vemscale.train.augment import degrade
 
     aug = load_config(PretrainConfig, None, ["recipe=retina"]).augment
     only_noise = aug.model_copy(update={"p_brightness_contrast": 0.0, "p_blur": 0.0, "p_dropout": 0.0})
@@ -175,7 +175,7 @@ def _angle_of(img: torch.Tensor) -> float:
 
 
 def test_retina_rotation_angles_measured_on_images_follow_the_recipe():
-    from vemscale.train.ssl_augment import geometric
+    from vemscale.train.augment import geometric
 
     aug = load_config(PretrainConfig, None, ["recipe=retina"]).augment
     rotate_only = aug.model_copy(update={"flips": False, "p_resized_crop": 0.0})
@@ -189,14 +189,14 @@ def test_retina_rotation_angles_measured_on_images_follow_the_recipe():
 
 
 def test_finetune_geometry_moves_labels_with_the_image_and_crops_find_labels():
-    from vemscale.train.augment import geometric
+    from vemscale.train.augment import geometric_pair
     from vemscale.train.data import CropSampler, LabelledStack
 
     aug = load_config(FinetuneConfig, None, ["recipe=retina"]).augment
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     img = (0.5 + 0.5 * torch.sin(xx / 5) * torch.cos(yy / 7)).view(1, 1, 64, 64).expand(16, 1, 64, 64).contiguous()
     lab = (img[:, 0] > 0.5).long()
-    out, out_lab = geometric(img, lab, aug, torch.Generator().manual_seed(2))
+    out, out_lab = geometric_pair(img, lab, aug, torch.Generator().manual_seed(2))
     agree = ((out[:, 0] > 0.5).long() == out_lab).float().mean()
     unmoved = ((out[:, 0] > 0.5).long() == lab).float().mean()  # labels left where they were
     print(f"labels agree with the moved image: {agree:.3f} (unmoved labels: {unmoved:.3f})")
@@ -254,7 +254,7 @@ def test_step_and_onecycle_schedules_equal_torchs_schedulers():
 
 
 def test_cem500k_noise_variance_is_log_uniform_in_its_range():
-    from vemscale.train.ssl_augment import degrade
+    from vemscale.train.augment import degrade
 
     aug = load_config(PretrainConfig, None, ["recipe=cem500k"]).augment
     only_noise = aug.model_copy(update={"p_brightness_contrast": 0.0, "p_blur": 0.0, "p_noise": 1.0})

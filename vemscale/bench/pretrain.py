@@ -45,7 +45,7 @@ def augmentation_vs_training(args) -> dict:
     from vemscale.models import create_model
     from vemscale.train.loop import make_optimizer
     from vemscale.train.pretrain_loop import RetinaStep
-    from vemscale.train.ssl_augment import Normalize, RetinaAugmentConfig, retina_pair
+    from vemscale.train.augment import Normalize, RetinaAugmentConfig, retina_pair
 
     torch.set_num_threads(args.threads)
     batch = _batch(args)

@@ -18,7 +18,7 @@ import torch
 from vemscale.checkpoint import CheckpointMeta, load_train_state, read_meta, save_checkpoint, WEIGHTS_FILE
 from vemscale.eval.metrics import class_scores, confusion_matrix, counts_from_confusion
 from vemscale.infer.tiling import Normalizer, TileGrid, numpy_reader, predict_block_xy
-from vemscale.train.augment import AugmentConfig, geometric, intensity
+from vemscale.train.augment import AugmentConfig, geometric_pair, intensity
 from vemscale.train.data import CropSampler, LabelledStack, load_labelled, plane_axes
 from vemscale.train.losses import segmentation_loss
 from vemscale.train.schedule import lr_at, set_schedule
@@ -48,7 +48,7 @@ class SegmentationStep:
         x = torch.from_numpy(imgs).to(self.device, non_blocking=True).float() / self.scale  # [0, 1]
         labs = labs if labs is not None else np.zeros((len(imgs),) + imgs.shape[-2:], np.int64)
         y = torch.from_numpy(labs).to(self.device, non_blocking=True)
-        x, y = geometric(x, y, self.augment, self.gen)
+        x, y = geometric_pair(x, y, self.augment, self.gen)
         if self.augment.brightness_contrast == "albumentations":  # on the [0, 1] image, as the reference
             return (intensity(x, self.augment, self.gen) - self.mean) / self.std, y
         return intensity((x - self.mean) / self.std, self.augment, self.gen), y

@@ -24,7 +24,7 @@ from vemscale.config import Strict, StageConfig, absolute_url, load_config
 from vemscale.errors import UserError
 from vemscale.train.metrics_log import metrics_logger, read_metrics
 from vemscale.train.moco import MocoConfig
-from vemscale.train.ssl_augment import RetinaAugmentConfig
+from vemscale.train.augment import RetinaAugmentConfig
 from vemscale.train.unlabeled import SourceConfig, sources_from
 
 log = logging.getLogger(__name__)

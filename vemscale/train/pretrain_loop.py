@@ -20,7 +20,7 @@ from vemscale.checkpoint import WEIGHTS_FILE, CheckpointMeta, load_train_state, 
 from vemscale.train.loop import make_optimizer, resume_checkpoint
 from vemscale.train.schedule import lr_at, set_schedule
 from vemscale.train.moco import MoCo, MocoConfig
-from vemscale.train.ssl_augment import Normalize, RetinaAugmentConfig, retina_pair, two_views
+from vemscale.train.augment import Normalize, RetinaAugmentConfig, retina_pair, two_views
 
 
 class RetinaStep:
