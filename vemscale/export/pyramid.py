@@ -93,7 +93,8 @@ def plan_pyramid(url: str, max_scales: int | None = None, sharded: bool | None =
 def fusable_levels(grid: BlockGrid, levels: Sequence[tuple[int, ts.TensorStore, Sequence[int]]],
                    encoding: str) -> int:
     """How many leading `levels` the scale-0 blocks of `grid` can write themselves: each block's box, divided
-    by the cumulative factors, must start on the level's write-chunk grid and end on it or at the volume's end."""
+    by the cumulative factors, must start on the level's write-chunk grid and end on it or at the volume's end
+    (so the grid must reach the volume's end: a partial cell there is the same in memory and in the store)."""
     if encoding == "jpeg":  # lossy: the next level must be computed from what was stored, not from memory
         return 0
     cum = [1, 1, 1]
@@ -103,7 +104,8 @@ def fusable_levels(grid: BlockGrid, levels: Sequence[tuple[int, ts.TensorStore, 
         for axis in range(3):
             (lo, hi), b = grid.roi[axis], grid.block_shape[axis]
             one_block = hi - lo <= b
-            if lo % cum[axis] or (not one_block and (b % cum[axis] or (b // cum[axis]) % chunk[axis])):
+            if (hi != grid.volume_shape[axis] or lo % cum[axis] or (lo // cum[axis]) % chunk[axis]
+                    or (not one_block and (b % cum[axis] or (b // cum[axis]) % chunk[axis]))):
                 return n
     return len(levels)
 

@@ -215,7 +215,7 @@ def geometric_pair(img: torch.Tensor, lab: torch.Tensor, cfg: AugmentConfig,
                               crop_ratio=cfg.crop_ratio)
     theta = affine_params(b, geo, gen, img.device)
     if is_pixel_move(theta, (h, w), (h, w)):
-        return move_pixels(img, theta), move_pixels(lab, theta)
+        return move_pixels(img, theta), move_pixels(lab, theta).long()
     img = _resample(img, theta, (h, w), "bilinear", "reflection")
     lab = _resample(lab.unsqueeze(1).to(img.dtype), theta, (h, w), "nearest", "reflection")
     return img, lab.squeeze(1).round().long()
