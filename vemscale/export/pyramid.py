@@ -128,12 +128,14 @@ def downsample_in_memory(data: np.ndarray, box: Box, levels: Sequence[dict[str, 
 def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 2**24, sharded: bool | None = None,
                   shard_voxels: int = DEFAULT_SHARD_VOXELS, max_in_flight: int | None = None,
                   source_generation: str | None = None, blocks_per_batch: int | None = None,
-                  fused: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                  fused: dict[int, dict[str, Any]] | None = None,
+                  plans: list[tuple[int, ts.TensorStore, tuple[int, int, int]]] | None = None) -> list[dict[str, Any]]:
     """Add scales 1.. to the precomputed layer at `url` from its scale 0; returns per-scale size, resolution, time.
 
     Existing scales with the planned resolution are reused (`plan_pyramid`), and each scale's ledger resumes
     an interrupted pyramid; `source_generation` (scale 0's ledger generation) makes a rewritten scale 0
-    rebuild every level. `fused` maps the scale indices the scale-0 step already wrote to its run summary.
+    rebuild every level. `fused` maps the scale indices the scale-0 step already wrote to its run summary;
+    `plans` are `plan_pyramid`'s levels when the caller has them already.
     """
     from vemscale.raycluster import ensure_ray
 
@@ -141,7 +143,9 @@ def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 
     if info is None:
         raise UserError(f"{url!r} is not a precomputed layer (no info)")
     method = downsample_method(info.get("type", "image"))
-    plans = plan_pyramid(url, max_scales, sharded, shard_voxels)
+    if plans is None:
+        plans = plan_pyramid(url, max_scales, sharded, shard_voxels)
+    resolutions = [sc["resolution"] for sc in read_info(url)["scales"]]  # every planned scale is in the info now
     ensure_ray()
     src = open_scale(url, 0)
     out: list[dict[str, Any]] = []
@@ -152,7 +156,7 @@ def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 
         if index in fused:  # written by the scale-0 blocks; its generation is scale 0's
             s0 = fused[index]
             out.append({"scale": index, "factors_zyx": list(f), "shape_zyx": list(dst.shape[-3:]),
-                        "resolution_xyz": read_info(url)["scales"][index]["resolution"], "blocks": s0["blocks"],
+                        "resolution_xyz": resolutions[index], "blocks": s0["blocks"],
                         "computed": s0["computed"], "skipped": s0["skipped"], "seconds": 0.0,
                         "generation": s0["generation"], "fused_into": "scale0"})
             src, parent = dst, s0["generation"]
@@ -170,7 +174,7 @@ def build_pyramid(url: str, max_scales: int | None = None, target_voxels: int = 
         parent = ledger.generation
         seconds = time.perf_counter() - t0
         out.append({"scale": index, "factors_zyx": list(f), "shape_zyx": list(dst.shape[-3:]),
-                    "resolution_xyz": read_info(url)["scales"][index]["resolution"], "blocks": grid.num_blocks,
+                    "resolution_xyz": resolutions[index], "blocks": grid.num_blocks,
                     "computed": summary["computed"], "skipped": summary["skipped"], "seconds": round(seconds, 3),
                     "generation": ledger.generation})
         log.info("pyramid scale %d %s: %d blocks (%d computed), %.1f s", index, tuple(dst.shape[-3:]),

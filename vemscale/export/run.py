@@ -123,7 +123,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         result["scales"] = build_pyramid(url, cfg.max_scales, cfg.task_voxels, shard_voxels=cfg.shard_voxels,
                                          max_in_flight=cfg.max_in_flight, source_generation=scale0["generation"],
                                          blocks_per_batch=cfg.blocks_per_batch,
-                                         fused={index: scale0 for index in scale0["fused"]})
+                                         fused={index: scale0 for index in scale0["fused"]}, plans=levels)
         for level in result["scales"]:
             result["blocks"][f"scale{level['scale']}"] = {k: level[k] for k in ("blocks", "computed", "skipped")}
         timings["pyramid_s"] = time.perf_counter() - t0
