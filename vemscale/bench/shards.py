@@ -4,7 +4,8 @@ Each figure is a ratio against a baseline measured in the same run, on generated
 
 - shards: `run_infer` with `write=labels`, `sharded=true` vs `sharded=false` (same blocks, chunks, workers;
   the `pixel_linear` model, so the model costs little and storage dominates): output objects on disk, voxels/s.
-- mask: a volume whose right half is flat resin, `mask=auto` (its mask pass included) vs no mask, with the
+- mask: a volume whose right half is flat resin, `mask=auto` (its mask pass included; with the default one-cell
+  dilation of the tissue and with none) vs no mask, with the
   `tiny` TransUNet (tile 288, margin 16: a tile core is 256, so tiles do not straddle 512 blocks) so that
   prediction costs what it costs in a real run.
 
@@ -33,11 +34,15 @@ def _objects(path: Path) -> int:
 
 
 def _run(**kw: Any) -> tuple[dict[str, Any], float]:
+    """The run's summary (with the mask pass's seconds, when there is one) and its wall time."""
     from vemscale.infer.pipeline import run_infer
 
     t = time.perf_counter()
     result = run_infer(infer_config(**kw))
-    return result["summary"], time.perf_counter() - t
+    summary = dict(result["summary"])
+    if "tissue_mask" in result:
+        summary["mask_pass_s"] = result["tissue_mask"]["seconds"]
+    return summary, time.perf_counter() - t
 
 
 def pyramid_volume(src: str, path: Path, levels: int) -> str:
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             mask_common = dict(common, input=half, checkpoint=tiny, workers=a.mask_workers)
             _run(output=str(root / "warm-tiny"), run_dir=str(root / "run-warm-tiny"),
                  roi=f"0:{block[0]},0:{block[1]},0:{block[2]}", **mask_common)
-            arms: list[tuple[str, dict[str, Any]]] = [("nomask", {}), ("mask_auto", {"mask": "auto"})]
+            arms: list[tuple[str, dict[str, Any]]] = [("nomask", {}), ("mask_auto", {"mask": "auto"}),
+                                                      ("mask_auto_dilate0", {"mask": "auto", "mask_dilate": 0})]
             if a.mask_scale:  # a cell of the same extent in nm: 32 / 2^scale pixels of that scale
                 cell = (4, 32 // 2 ** a.mask_scale, 32 // 2 ** a.mask_scale)
                 arms.append((f"mask_auto_scale{a.mask_scale}", {"mask": "auto", "mask_scale": a.mask_scale,
@@ -121,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, extra in arms:
                 s, t = _run(output=str(root / name), run_dir=str(root / f"run-{name}"), **extra, **mask_common)
                 runs[name] = {"seconds": round(t, 2), "masked_blocks": s["masked"], "blocks": s["blocks"],
-                              "tiles": s["tiles"]}
+                              "tiles": s["tiles"], **{k: s.get(k) for k in (
+                                  "mask_pass_s", "seconds_to_first_block", "read_s", "predict_s", "forward_s",
+                                  "write_s", "predict_busy", "actor_init_s")},
+                              "forward_ms_per_tile": round(1000 * s["forward_s"] / max(1, s["tiles"]), 1)}
                 print(name, runs[name], flush=True)
     result: dict[str, Any] = {"shape": list(shape), "gvoxels": voxels / 1e9, "mask_shape": list(mshape),
                               "block": list(block), "chunks": list(chunks), **runs}
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in runs:
             if name.startswith("mask_auto"):
                 result[f"time_ratio_{name}_over_nomask"] = round(runs[name]["seconds"] / runs["nomask"]["seconds"], 3)
+                # the floor of that ratio: the tiles run, and their forward time, as a share of the baseline's
+                result[f"tile_ratio_{name}"] = round(runs[name]["tiles"] / runs["nomask"]["tiles"], 4)
+                result[f"forward_ratio_{name}"] = round(runs[name]["forward_s"] / runs["nomask"]["forward_s"], 3)
     return emit(result, a.json)
 
 
