@@ -78,6 +78,9 @@ class TrainConfig(Strict):
     milestones: tuple[float, ...] = (0.6, 0.8)
     gamma: float = Field(0.1, gt=0)
     loss: Literal["ce", "dice", "ce_dice", "retina"] = "ce_dice"  # retina: 0.5 CE + 0.5 Dice
+    # an exponential moving average of the weights (timm ModelEmaV3 with its warmup: decay at step s is
+    # min(ema, 1 - s^-2/3)); validation, selection and checkpoints use the average. 0: off
+    ema: float = Field(0.0, ge=0, lt=1)
     log_every: int = Field(25, gt=0)
     val_every: int = Field(250, gt=0)
     checkpoint_every: int = Field(250, gt=0)

@@ -174,14 +174,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     optimizer = make_optimizer(params, tcfg)
     seg_net = model.module if hasattr(model, "module") else model  # what validation scores and checkpoints hold
     seg_net = seg_net.net if mt else seg_net
+    ema = None
+    if tcfg.get("ema") and rank == 0:  # the averaged copy is what rank 0 scores and checkpoints
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(seg_net, decay=tcfg["ema"], use_warmup=True)
+    scored = ema.module if ema is not None else seg_net
 
     start = 0
     checkpoint = resume_checkpoint(cfg.get("resume_dir"))
     if checkpoint:
         with checkpoint.as_directory() as d:
             done_meta = read_meta(d)
-            seg_net.load_state_dict(torch.load(f"{d}/{WEIGHTS_FILE}", map_location=device, weights_only=True))
+            saved = torch.load(f"{d}/{WEIGHTS_FILE}", map_location=device, weights_only=True)
             state = load_train_state(d)
+            # with an average the checkpoint's weights are the average and the train state holds the raw ones
+            raw = state.get("weights") if state else None
+            seg_net.load_state_dict(raw if raw is not None else saved)
+            if ema is not None:
+                ema.module.load_state_dict(saved)
             if state:
                 optimizer.load_state_dict(state["optimizer"])
                 start = int(state["iteration"])
@@ -239,6 +250,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 parts[key].append(out[key])
         else:
             losses.append(step(imgs, labs, lr))
+        if ema is not None:
+            ema.update(seg_net, step=it + 1)  # step 1 copies the weights; the warmup counts from there
         step_time += time.perf_counter() - t0
         step_images += local_batch * world
         loop_images += local_batch * world
@@ -262,19 +275,24 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             parts = {k: [] for k in parts}
         losses, step_time, step_images = [], 0.0, 0
         if rank == 0 and due_val and val_stacks:
-            metrics.update(validate(seg_net, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
+            metrics.update(validate(scored, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
+            if ema is not None:  # the raw weights' score beside the average's, same step
+                metrics["val_iou_raw"] = validate(seg_net, val_stacks, grid, normalizer, k, device,
+                                                  cfg["tiles"]["batch_size"])["val_iou"]
             best = max(best, metrics["val_iou"])
             metrics["best_val_iou"] = best
         # with the Y-Net schedule the reference selects in its last step only (Att_YNet.py custom_callback [F, F, T])
         selecting = not mt or mt["schedule"] != "ynet" or phase.name == "segmentation"
         if rank == 0 and due_val and target is not None and selecting:
-            metrics.update(score_target(seg_net, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
+            metrics.update(score_target(scored, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
         if rank == 0 and due_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 state = {"optimizer": optimizer.state_dict(), "iteration": done}
+                if ema is not None:
+                    state["weights"] = seg_net.state_dict()
                 if mt:
                     state["reconstruction"] = (model.module if hasattr(model, "module") else model).reconstruction.state_dict()
-                save_checkpoint(f"{tmp}/ckpt", seg_net, build_meta(cfg, spec, done, metrics), state)
+                save_checkpoint(f"{tmp}/ckpt", scored, build_meta(cfg, spec, done, metrics), state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(f"{tmp}/ckpt"))
         else:
             ray.train.report(metrics)
