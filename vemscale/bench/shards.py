@@ -13,6 +13,8 @@ Each figure is a ratio against a baseline measured in the same run, on generated
                                                           # 16x4096x4096; ~25 min on 2 cores
     python -m vemscale.bench.shards --shape 16,2048,2048 --mask-shape 16,2048,2048  # quick
     python -m vemscale.bench.shards --sections mask        # the mask arms only: none, auto from scale 0, from scale 2
+    python -m vemscale.bench.shards --sections mask --shape 16,512,512 --mask-shape 16,8192,8192  # the mask on
+                                                          # 1.07 GVoxel, as in BENCHMARKS.md; 35 min
 """
 
 from __future__ import annotations
