@@ -171,7 +171,8 @@ def _ray_batches(num_blocks: int, ledger: Ledger | None, stages: list[Stage], si
             else:
                 fn: Any = (functools.partial(_mark_after, fn=st.fn, ledger=ledger, kwargs=st.kwargs,
                                              keep_payload=keep_payload) if last else st.fn)
-                ds = ds.map_batches(fn, fn_kwargs=None if last else st.kwargs, concurrency=st.concurrency, **common)
+                ds = ds.map_batches(fn, fn_kwargs=None if last else st.kwargs, **common,
+                                    compute=ray.data.TaskPoolStrategy(size=st.concurrency))
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 
