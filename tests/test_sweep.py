@@ -98,6 +98,15 @@ def test_command_line_overrides_win():
     assert cfg.arms["retina"]["freeze"] == "vit_blocks" and cfg.resources.worker_resources() == {"CPU": 1.9, "GPU": 0.0}
 
 
+def test_only_runs_the_named_arms_and_rejects_unknown_ones():
+    cfg = load_sweep_config("configs/crossdomain_mito.yaml", ["only=[cdeep3m_to_vnc.source_only,vnc_to_cdeep3m.ssl]"])
+    assert list(cfg.arms) == ["vnc_to_cdeep3m.ssl", "cdeep3m_to_vnc.source_only"]  # the config's order
+    assert cfg.arms["vnc_to_cdeep3m.ssl"]["transfer"] == "retina" and cfg.n_trials() == 2 * 3 and cfg.only is None
+    for bad, names in (("only=[ssl]", r"\['ssl'\]"), ("only=[]", "an empty list")):
+        with pytest.raises(ConfigError, match=rf"only: .*{names} names no arm of this sweep; its arms are random, retina"):
+            load_sweep_config("configs/sweep_seeds.yaml", [bad])
+
+
 def test_compose_order_and_paths(vnc_crop, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = SweepConfig.model_validate({"base": str(vnc_crop["base"]), "overrides": {"train.lr": 0.01, "init": "rel/ckpt"},

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vemscale.config import Strict, StageConfig
 
@@ -156,6 +156,7 @@ class SweepConfig(StageConfig):
     base: Path | None = None  # a fine-tune YAML; its paths are relative to where vemscale runs
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys, for every trial
     arms: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})  # name -> dotted overrides
+    only: list[str] | None = None  # run these arms of `arms` only, e.g. only=[a.source_only,a.ssl] on the command line
     # dotted key -> domain ({grid|choice|uniform|loguniform: ...}, or a list = grid); `domains()` gives them typed
     search_space: dict[str, Any] = Field(default_factory=dict)
     num_samples: int = Field(1, gt=0)  # draws of the choice/uniform/loguniform keys per arm x seed x grid point
@@ -204,6 +205,31 @@ class SweepConfig(StageConfig):
         for name in v:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
                 raise ValueError(f"arm name {name!r}: use letters, digits and _ . + - (it names directories)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_arms(cls, data: Any) -> Any:
+        """`only` keeps the named arms (in the config's order), so a part of a matrix reruns with its own settings;
+        applied here, so a saved sweep.yaml holds just the arms that ran."""
+        if not isinstance(data, dict) or data.get("only") is None:
+            return data
+        data = dict(data)
+        arms, only = data.get("arms", {"default": {}}), data["only"]
+        only = [only] if isinstance(only, str) else only
+        if isinstance(arms, (dict, list)) and isinstance(only, list) and only and all(a in arms for a in only):
+            data["arms"] = ({a: o for a, o in arms.items() if a in only} if isinstance(arms, dict)
+                            else [a for a in arms if a in only])
+            data["only"] = None
+        return data  # otherwise `only` stays, and its own validator says what is wrong
+
+    @field_validator("only")
+    @classmethod
+    def _only_names(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is not None:
+            names = list(info.data.get("arms") or {})
+            raise ValueError(f"{[a for a in v if a not in names] or 'an empty list'} names no arm of this sweep; "
+                             f"its arms are {', '.join(names)}")
         return v
 
     @field_validator("seeds")
