@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -184,21 +185,34 @@ def sharded_run(data, ray_local):
     return cfg, run_infer(cfg)["summary"]
 
 
-def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local, sharded_run):
-    """A sharded output killed mid-run resumes to the same bytes, file by file, as the uninterrupted run."""
-    cfg = config(data, "killed", **SHARDED)
+@pytest.mark.parametrize("fmt", ["zarr", "precomputed"])
+def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local, sharded_run, fmt):
+    """A sharded output (zarr v3 or precomputed) killed mid-run resumes to the same bytes, file by file, as an
+    uninterrupted run."""
+    cfg = config(data, f"killed-{fmt}", **SHARDED)
+    if fmt == "zarr":
+        whole_out = sharded_run[0].output
+    else:  # the uninterrupted precomputed reference, then the same layout killed
+        whole = config(data, "sh-pc-whole", **SHARDED)
+        whole_out, whole.output = whole.output, "precomputed://" + whole.output
+        assert run_infer(whole)["summary"]["sharded"]
+    root = cfg.output
+    if fmt == "precomputed":
+        cfg.output = "precomputed://" + root
     blocks = BlockGrid.create(SHAPE, (2, 96, 96), cfg.block_shape).num_blocks
     args = [f"input={cfg.input}", f"output={cfg.output}", f"checkpoint={cfg.checkpoint}", "block_shape=2,96,96",
             "output_chunks=2,48,48", "sharded=true", "shard_shape=2,96,96", "workers=1", "threads_per_worker=1",
             f"batch_size={BATCH}", "progress=false", f"run_dir={cfg.run_dir}",
             "blocks_per_batch=1"]  # small batches, so the kill lands mid-run
-    kill_cli_when(["infer", *args], lambda: _ledger_count(cfg.output, blocks) >= 4, timeout=150)
-    done = _ledger_count(cfg.output, blocks)
+    kill_cli_when(["infer", *args], lambda: _ledger_count(root, blocks) >= 4, timeout=150)
+    done = _ledger_count(root, blocks)
     assert 4 <= done < blocks
-    s = run_infer(cfg)["summary"]
+    result = run_infer(cfg)
+    s = result["summary"]
     assert (s["computed"], s["skipped"]) == (blocks - done, done) and s["sharded"]
-    assert_equals_reference(data, cfg.output)
-    resumed, whole = _shard_bytes(cfg.output), _shard_bytes(sharded_run[0].output)
+    assert np.array_equal(open_volume(result["outputs"]["labels"]).read(), data.labels)
+    assert np.array_equal(open_volume(result["outputs"]["probabilities"]).read(), data.probs)
+    resumed, whole = _shard_bytes(root), _shard_bytes(whole_out)
     assert len(resumed) > 2 * blocks and resumed.keys() == whole.keys()
     assert [k for k in resumed if resumed[k] != whole[k]] == []
 
@@ -444,6 +458,55 @@ def test_mask_skips_blocks_without_tissue_and_keeps_the_rest_exact(data, ray_loc
     probs, labels = outputs(cfg.output)
     assert np.array_equal(labels, np.where(tissue, data.labels, 0))
     assert np.array_equal(probs, np.where(tissue, data.probs, 0))
+
+
+def _precomputed_mask(root: Path) -> str:
+    """The same mask as a two-scale Neuroglancer segmentation layer: scale 0 (9.2 nm) all tissue, scale 1 the L."""
+    from vemscale.export.precomputed import add_scale, create_precomputed
+
+    url = str(root / "mask-pc")
+    if not Path(url).exists():
+        _, m = _mask_volume(root)
+        s0 = create_precomputed(url, (6, 100, 116), np.uint8, (9.2, 9.2, 45.0), "segmentation", chunk=(2, 32, 32))
+        s0.write(np.ones(s0.shape, s0.dtype.numpy_dtype)).result()
+        _, s1 = add_scale(url, (6, 50, 58), (18.4, 18.4, 45.0), (2, 32, 32))
+        m = np.zeros((6, 50, 58), np.uint8)
+        m[:, :20, :] = 1
+        m[:4, :, :10] = 7
+        s1.write(m.astype(s1.dtype.numpy_dtype)).result()
+    return url
+
+
+def _nonzero_boxes(a: np.ndarray, box: Sequence[int]) -> int:
+    """How many boxes of `box` (z,y,x, aligned at 0, clipped at the edge) hold a non-zero voxel of `a` (z,y,x)."""
+    return sum(bool(a[z : z + box[0], y : y + box[1], x : x + box[2]].any()) for z in range(0, a.shape[0], box[0])
+               for y in range(0, a.shape[1], box[1]) for x in range(0, a.shape[2], box[2]))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "precomputed"])
+def test_sharded_output_of_a_neuroglancer_mask_stores_no_shard_for_masked_blocks(data, ray_local, fmt):
+    """mask= a precomputed layer at mask_scale=1, output sharded: masked blocks are background and store no shard;
+    every shard that holds a non-zero voxel of the expected output is stored, and no other."""
+    url = _precomputed_mask(data.root)
+    _, tissue = _mask_volume(data.root)
+    cfg = config(data, f"mask-sh-{fmt}", block_shape=(6, 96, 96), sharded=True, mask=url, mask_scale=1)
+    root = cfg.output
+    if fmt == "precomputed":
+        cfg.output = "precomputed://" + root
+    result = run_infer(cfg)
+    s = result["summary"]
+    grid = BlockGrid.create(SHAPE, (2, 48, 48), (6, 96, 96))
+    empty = [i for i in range(grid.num_blocks) if not tissue[grid.box(i)].any()]
+    assert len(empty) == 4 and s["masked"] == 4 and s["sharded"]
+    labels = np.where(tissue, data.labels, 0)
+    probs = np.where(tissue, data.probs, 0)
+    assert np.array_equal(open_volume(result["outputs"]["labels"]).read(), labels)
+    assert np.array_equal(open_volume(result["outputs"]["probabilities"]).read(), probs)
+    shard = tuple(s["shard_shape"])
+    assert all(not labels[grid.box(i)].any() for i in empty)
+    for name, expect in (("labels", labels), ("probabilities", probs.max(axis=0))):
+        stored = [p for p in _files(Path(root) / name) if p.name not in ("zarr.json", "info")]
+        assert len(stored) == _nonzero_boxes(expect, shard) < _nonzero_boxes(np.ones(SHAPE), shard), name
 
 
 def test_auto_mask_skips_empty_resin(data, ray_local, tmp_path):
