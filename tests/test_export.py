@@ -291,3 +291,25 @@ def test_reopening_a_layer_with_another_storage_layout_is_refused(tmp_path):
         with pytest.raises(UserError, match="exists stored as"):
             create_precomputed(url, (4, 64, 64), np.uint8, None, **kw)
     assert read_info(url)["scales"][0]["chunk_sizes"] == [[32, 32, 2]]  # nothing was changed by the refusals
+
+
+def test_shard_shape_key_sets_scale_zero_shards_and_a_wrong_one_fails_before_writing(ray_local, crops, tmp_path):
+    """shard_shape=4,128,128 over 4x64x64 chunks: 2x2x1 chunks per shard (Morton bits k=2), 3x3x3 shard files,
+    read back equal by tensorstore and cloud-volume; a box that is no Morton shard, or shard_shape with
+    sharded=false, fails before the layer exists."""
+    from cloudvolume import CloudVolume
+
+    em = crops["em"]
+    out = _export(source=crops["em_url"], dest=str(tmp_path / "em"), shard_shape=(4, 128, 128))
+    assert out["sharded"] and out["shard_shape"] == [4, 128, 128] and out["write_chunk_zyx"] == [4, 128, 128]
+    scale = read_info(str(tmp_path / "em"))["scales"][0]
+    assert scale["sharding"]["preshift_bits"] + scale["sharding"]["minishard_bits"] == 2
+    assert len(list((tmp_path / "em" / scale["key"]).glob("*.shard"))) == 3 * 3 * 3
+    np.testing.assert_array_equal(open_scale(str(tmp_path / "em"), 0).read().result(), em)
+    cv = CloudVolume("file://" + str(tmp_path / "em"), mip=0, fill_missing=False, progress=False)
+    np.testing.assert_array_equal(np.asarray(cv[:, :, :])[..., 0].transpose(2, 1, 0), em)
+    for kw, msg in ((dict(shard_shape=(4, 100, 128)), "not a precomputed shard"),
+                    (dict(shard_shape=(4, 128, 128), sharded=False), "sharded=false")):
+        with pytest.raises(UserError, match=msg):
+            _export(source=crops["em_url"], dest=str(tmp_path / "bad"), **kw)
+        assert not (tmp_path / "bad").exists()

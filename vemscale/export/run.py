@@ -24,15 +24,13 @@ from pydantic import Field, field_validator
 
 from vemscale.config import StageConfig, dump_config, load_config
 from vemscale.errors import UserError
+from vemscale.io.shards import SHARD_ABOVE_CHUNKS, ShardKeys
 
 __all__ = ["ExportConfig", "run_export", "add_arguments", "run_cli"]
 
 log = logging.getLogger(__name__)
 
-SHARD_ABOVE_CHUNKS = 4096  # sharded="auto": shard when scale 0 would have more chunk files than this
-
-
-class ExportConfig(StageConfig):
+class ExportConfig(StageConfig, ShardKeys):
     """`vemscale export`: write a volume as a Neuroglancer precomputed layer (+ pyramid, meshes, properties)."""
 
     run_dir: Path = Path("runs/export")
@@ -42,7 +40,6 @@ class ExportConfig(StageConfig):
     layer_type: Literal["auto", "image", "segmentation"] = "auto"  # auto: integer labels wider than uint8 -> segmentation
     voxel_size: tuple[float, float, float] | None = None  # x,y,z nm; default from the source (1,1,1 when unknown)
     chunk: tuple[int, int, int] = (16, 128, 128)  # z,y,x storage chunks
-    sharded: Literal["auto"] | bool = "auto"  # auto: sharded above SHARD_ABOVE_CHUNKS chunks
     encoding: Literal["auto", "raw", "jpeg", "compressed_segmentation"] = "auto"  # auto: raw / compressed_segmentation
     jpeg_quality: int = Field(90, ge=1, le=100)
     classes: list[str] | None = None  # class names: segment labels (ids 0..), or probability channel names
@@ -53,7 +50,8 @@ class ExportConfig(StageConfig):
     mesh_reduction: int = Field(10, ge=0)  # triangle reduction factor of the simplification (0/1 = none)
     mesh_max_error_nm: float | None = None  # simplification error bound; default the mesh scale's xy voxel size
     properties: bool = True  # segment properties (labels, volume in um^3) for segmentation layers
-    shard_voxels: int = Field(2**25, ge=1)  # voxels per shard of a sharded layer (rounded to 2^k chunks)
+    # sharded / shard_shape / shard_voxels (vemscale.io.shards.ShardKeys): shard_shape is scale 0's shard (a
+    # Morton-aligned 2^k box of chunks); downsampled scales take the largest 2^k box of <= shard_voxels
     task_voxels: int = Field(2**24, ge=1)  # voxels per Ray task (rounded to whole write chunks)
     max_in_flight: int | None = Field(None, ge=1)  # tasks at once per step; default: as many as the cluster's CPUs
     blocks_per_batch: int | None = Field(None, ge=1)  # block ids per Ray Data block; default ~16 MiB, >= 4 per CPU
@@ -80,7 +78,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from vemscale.raycluster import ensure_ray
 
     t_start = time.perf_counter()
-    plan = plan_layer(cfg, SHARD_ABOVE_CHUNKS)
+    plan = plan_layer(cfg)
     from vemscale.io.urls import parse_url
     from vemscale.io.writable import check_writable
 
@@ -92,7 +90,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     store = create_precomputed(url, vol.shape[-3:], plan["dtype"], plan["voxel"], plan["layer_type"], plan["channels"],
                                cfg.chunk, plan["sharded"], plan["encoding"],
                                cfg.jpeg_quality if plan["encoding"] == "jpeg" else None, cfg.overwrite,
-                               shard_voxels=cfg.shard_voxels, attrs=plan["attrs"])
+                               shard_voxels=cfg.shard_voxels, attrs=plan["attrs"], shard_bits=plan["shard_bits"])
     levels = plan_pyramid(url, cfg.max_scales, shard_voxels=cfg.shard_voxels) if cfg.pyramid else []
     ensure_ray()
     timings: dict[str, float] = {}
@@ -107,7 +105,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"layer": url, "type": plan["layer_type"], "dtype": plan["dtype"].name,
                               "shape_zyx": list(vol.shape[-3:]), "channels": plan["channels"],
                               "voxel_size_xyz": list(plan["voxel"]), "encoding": plan["encoding"],
-                              "sharded": plan["sharded"], "write_chunk_zyx": list(write_chunk_shape(store)[-3:]),
+                              "sharded": plan["sharded"], "shard_shape": plan["shard_shape"], "write_chunk_zyx": list(write_chunk_shape(store)[-3:]),
                               "blocks": {"scale0": {k: scale0[k] for k in ("blocks", "computed", "skipped")}}}
     if seg and cfg.properties:
         t0 = time.perf_counter()

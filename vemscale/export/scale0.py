@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from typing import Any
 
@@ -15,6 +14,7 @@ from vemscale.errors import UserError
 from vemscale.export.precomputed import default_encoding, layer_kvstore, precomputed_dtype, view_spec, \
     write_chunk_aligned_block, write_chunk_shape
 from vemscale.export.steps import open_spec, payloads, run_step
+from vemscale.io.shards import plan_layout
 
 __all__ = ["dest_url", "plan_layer", "copy_scale0"]
 
@@ -35,7 +35,7 @@ def _layer_type(cfg: Any, dtype: np.dtype, ndim: int) -> str:
     return "image"
 
 
-def plan_layer(cfg: Any, shard_above_chunks: int = 4096) -> dict[str, Any]:
+def plan_layer(cfg: Any) -> dict[str, Any]:
     """Open the source and decide type, dtype, channels, encoding and sharding; UserError on what cannot work."""
     from vemscale.io import open_volume
 
@@ -53,8 +53,9 @@ def plan_layer(cfg: Any, shard_above_chunks: int = 4096) -> dict[str, Any]:
         voxel = (1.0, 1.0, 1.0)
     encoding = default_encoding(layer_type) if cfg.encoding == "auto" else cfg.encoding
     shape = vol.shape[-3:]
-    chunks = math.prod(-(-s // min(c, s)) for s, c in zip(shape, cfg.chunk))
-    sharded = chunks > shard_above_chunks if cfg.sharded == "auto" else bool(cfg.sharded)
+    # tasks are whole write chunks (shards), so any shard has one writer: the "block" is the whole volume
+    layout = plan_layout("precomputed", cfg.sharded, shape, cfg.chunk, shape, shard_shape=cfg.shard_shape,
+                         target_voxels=cfg.shard_voxels)
     if cfg.mesh and layer_type != "segmentation":
         raise UserError("--mesh needs a segmentation layer (--layer-type segmentation)")
     if cfg.classes is not None and channels > 1 and len(cfg.classes) != channels:
@@ -65,7 +66,8 @@ def plan_layer(cfg: Any, shard_above_chunks: int = 4096) -> dict[str, Any]:
     elif layer_type == "segmentation" and cfg.classes:
         attrs = {"vemscale": {"kind": "classes", "classes": cfg.classes}}
     return {"volume": vol, "layer_type": layer_type, "dtype": dtype, "channels": channels, "voxel": tuple(voxel),
-            "encoding": encoding, "sharded": sharded, "attrs": attrs, "url": dest_url(cfg.dest)}
+            "encoding": encoding, "sharded": layout.shard is not None, "attrs": attrs, "url": dest_url(cfg.dest),
+            "shard_bits": layout.shard_bits, "shard_shape": list(layout.shard) if layout.shard else None}
 
 
 def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run: str,
