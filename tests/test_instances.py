@@ -304,6 +304,32 @@ def test_sharded_segmentation_equals_cc3d_and_zarr_reads_it(probs, ray_local, tm
     assert not (tmp_path / "bad").exists()
 
 
+def test_precomputed_sharded_segmentation_equals_cc3d_and_cloudvolume_reads_it(probs, ray_local, tmp_path):
+    """segmentation_format=precomputed, sharded: a Neuroglancer layer (Morton shards of 2x2x2 chunks, one writer
+    each) with cc3d's ids, read by cloud-volume; resuming it as zarr is refused before anything changes."""
+    from cloudvolume import CloudVolume
+
+    out = tmp_path / "out"
+    cfg = _cfg(probs["url"], out, classes=["mito", "vesicle"], block_shape=(16, 64, 64), sharded=True,
+               segmentation_format="precomputed")
+    result = run_instances(cfg)
+    assert result["sharded"] and result["shard_shape"] == [16, 64, 64]
+    ref = reference_instances(reference_classes(probs["p"], 0.5), 26, 0)
+    info = json.loads((out / "segmentation" / "info").read_text())
+    scale = info["scales"][0]
+    assert info["type"] == "segmentation" and info["data_type"] == "uint64"
+    assert scale["encoding"] == "compressed_segmentation" and scale["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
+    cv = CloudVolume("file://" + str(out / "segmentation"), mip=0, fill_missing=False, progress=False)
+    np.testing.assert_array_equal(np.asarray(cv[:, :, :])[..., 0].transpose(2, 1, 0), ref)
+    np.testing.assert_array_equal(open_volume(str(out / "segmentation")).read(), ref)
+    assert len(list((out / "segmentation" / scale["key"]).glob("*.shard"))) == 3 * 3 * 3  # vs 5 * 5 * 6 chunks
+    assert pd.read_parquet(out / "objects")["id"].tolist() == list(range(1, int(ref.max()) + 1))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(UserError, match="exists as precomputed"):
+        run_instances(cfg.model_copy(update={"segmentation_format": "zarr"}))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_another_min_size_reruns_only_the_last_passes(probs, ray_local, tmp_path):
     out = tmp_path / "out"
     cfg = _cfg(probs["url"], out, classes=["mito", "vesicle"], block_shape=(8, 64, 64))

@@ -58,7 +58,10 @@ class InstancesConfig(StageConfig, ShardKeys):
     voxel_size: tuple[float, float, float] | None = None  # x,y,z nm; default from the source
     block_shape: tuple[int, int, int] = (64, 512, 512)  # z,y,x voxels per block (a whole number of chunks)
     chunk: tuple[int, int, int] = (16, 128, 128)  # z,y,x chunks of the segmentation layer
-    # sharded / shard_shape / shard_voxels (vemscale.io.shards.ShardKeys): a sharded layer is OME-Zarr v3
+    # zarr: <output>/segmentation is OME-Zarr (v3 with the sharding codec when sharded); precomputed: a Neuroglancer
+    # segmentation layer (compressed_segmentation, neuroglancer_uint64_sharded_v1 when sharded) Neuroglancer reads as is
+    segmentation_format: Literal["zarr", "precomputed"] = "zarr"
+    # sharded / shard_shape / shard_voxels (vemscale.io.shards.ShardKeys): shards divide block_shape, one writer each
     max_in_flight: int | None = Field(None, ge=1)  # Ray tasks at once per pass; default 2 x the cluster's CPUs
     blocks_per_batch: int | None = Field(None, ge=1)
     keep_scratch: bool = True  # keep the provisional labels, so a rerun with another min_size skips 2 passes
@@ -100,8 +103,8 @@ def _check_output(output: str) -> None:
 
     parsed = parse_url(output)
     if parsed.driver not in (None, "zarr") or parsed.dataset is not None:
-        raise UserError(f"output {output!r} must be a directory or URL (OME-Zarr); export it to precomputed with "
-                        "vemscale export <output>/segmentation precomputed://...")
+        raise UserError(f"output {output!r} must be a directory or URL (it holds segmentation/, objects/, plots/); "
+                        "for a Neuroglancer precomputed segmentation inside it add segmentation_format=precomputed")
     if not parsed.remote:
         path = parsed.location
         if os.path.isfile(path):
@@ -111,6 +114,15 @@ def _check_output(output: str) -> None:
         from vemscale.io.writable import check_writable
 
         check_writable(path)
+
+
+def _stored_format(kv: Any) -> str | None:
+    """The format of an existing segmentation layer: precomputed (an `info`), zarr (zarr metadata), or None."""
+    if kv.read("info").result().state == "value":
+        return "precomputed"
+    if any(kv.read(k).result().state == "value" for k in ("zarr.json", ".zattrs", ".zgroup")):
+        return "zarr"
+    return None
 
 
 def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
@@ -145,14 +157,29 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
     min_voxels = int(math.ceil(cfg.min_size_nm3 / voxel_nm3 - 1e-9)) if cfg.min_size_nm3 > 0 else 0
     chunk = tuple(min(c, s) for c, s in zip(cfg.chunk, shape))
     BlockGrid.create(shape, chunk, cfg.block_shape, None, chunk_name="segmentation chunk")
-    layout = plan_layout("zarr", cfg.sharded, shape, chunk, cfg.block_shape, shard_shape=cfg.shard_shape,
-                         target_voxels=cfg.shard_voxels)
+    # a precomputed shard (a Morton box of chunks) is also a valid zarr shard: the scratch layers share it
+    layout = plan_layout(cfg.segmentation_format, cfg.sharded, shape, chunk, cfg.block_shape,
+                         shard_shape=cfg.shard_shape, target_voxels=cfg.shard_voxels)
     # blocks cover whole shards: each shard of `segmentation` and `provisional` has one writer
     grid = BlockGrid.create(shape, layout.write_unit, cfg.block_shape, None,
                             chunk_name="shard" if layout.shard else "segmentation chunk")
+    seg_kv = ts.KvStore.open(join_url(kvstore_url(parse_url(output)), "segmentation") + "/").result()
+    stored = _stored_format(seg_kv)
+    if stored not in (None, cfg.segmentation_format):
+        if not cfg.overwrite:
+            raise UserError(f"{join_url(output, 'segmentation')} exists as {stored}, not {cfg.segmentation_format}; "
+                            f"rerun with segmentation_format={stored} to resume, or overwrite=true to replace it")
+        seg_kv.delete_range(ts.KvStore.KeyRange()).result()
     # every check passed: create (or reopen) the layers
-    seg = create_ome_zarr(join_url(output, "segmentation"), shape, np.uint64, chunk, voxel,
-                          overwrite=cfg.overwrite, name="segmentation", shard=layout.shard)
+    if cfg.segmentation_format == "precomputed":
+        from vemscale.export.precomputed import create_precomputed
+
+        seg = create_precomputed(join_url(output, "segmentation"), shape, np.uint64, voxel, "segmentation",
+                                 chunk=chunk, sharded=layout.shard is not None, overwrite=cfg.overwrite,
+                                 shard_bits=layout.shard_bits)
+    else:
+        seg = create_ome_zarr(join_url(output, "segmentation"), shape, np.uint64, chunk, voxel,
+                              overwrite=cfg.overwrite, name="segmentation", shard=layout.shard)
     prov = create_ome_zarr(join_url(output, SCRATCH_DIR, "provisional"), shape, np.uint64, chunk, voxel,
                            overwrite=cfg.overwrite, name="provisional", shard=layout.shard)
     split = None
@@ -171,7 +198,8 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
                          "table": "objects", "source": source.volume.url, "threshold": cfg.threshold,
                          "min_size_nm3": cfg.min_size_nm3, "connectivity": cfg.connectivity,
                          "split": cfg.split, **({"watershed": cfg.watershed.model_dump()} if split else {}),
-                         "voxel_size_xyz": voxel, "layout": layout.to_dict()}}
+                         "voxel_size_xyz": voxel, "layout": layout.to_dict(),
+                         "segmentation_format": cfg.segmentation_format}}
     write_group_attrs(kv, meta, 3 if layout.shard else 2)
     ensure_ray()
     summary = run_passes(source, output, grid, prov.spec(minimal_spec=True).to_json(),
@@ -191,7 +219,9 @@ def run_instances(cfg: InstancesConfig) -> dict[str, Any]:
         "voxel_size_xyz": voxel, "block_shape": list(grid.block_shape), "min_voxels": min_voxels,
         "sharded": layout.shard is not None, "shard_shape": list(layout.shard) if layout.shard else None, **summary,
         "seconds": round(seconds, 3), "voxels_per_s": round(math.prod(shape) / seconds, 1),
-        "view": f"vemscale export {join_url(output, 'segmentation')} precomputed://<dest> --mesh --pyramid",
+        "view": (f"vemscale view {output}   (meshes: vemscale export {join_url(output, 'segmentation')} <dest> --mesh)"
+                 if cfg.segmentation_format == "precomputed" else
+                 f"vemscale export {join_url(output, 'segmentation')} precomputed://<dest> --mesh --pyramid"),
     }
     kv.write("summary.json", json.dumps(result, indent=2, default=str).encode()).result()
     run_dir = Path(cfg.run_dir)
