@@ -42,6 +42,21 @@ def test_ingest_real_tiff_round_trips_with_ngff_metadata(tmp_path):
     assert json.loads((dst / ".zgroup").read_text()) == {"zarr_format": 2}
 
 
+def test_sharded_ingest_writes_zarr3_shards_one_slab_deep_that_zarr_python_reads(tmp_path):
+    """--sharded: 8x128x128 chunks, 2^19-voxel target -> shards of 1x1x4 chunks (x first), 4 slabs x 4 rows of files."""
+    import zarr
+
+    if not ISBI.exists():
+        pytest.skip(f"shared data not found at {ISBI}")
+    dst = tmp_path / "isbi.ome.zarr"
+    out = ingest(str(ISBI), str(dst), voxel_size_xyz="4,4,50", chunks="8,128,128", sharded=True, shard_voxels=2**19)
+    assert out["shard"] == [8, 128, 512]
+    z = zarr.open_array(str(dst / "0"), mode="r")
+    assert z.metadata.zarr_format == 3 and tuple(z.shards) == (8, 128, 512) and tuple(z.chunks) == (8, 128, 128)
+    np.testing.assert_array_equal(z[...], tifffile.imread(ISBI))
+    assert len([f for f in (dst / "0").rglob("*") if f.is_file() and f.name != "zarr.json"]) == 4 * 4  # vs 4*4*4
+
+
 def test_ingest_slice_folder_in_natural_order(tmp_path):
     rng = np.random.default_rng(1)
     stack = rng.integers(0, 255, size=(11, 20, 30), dtype=np.uint8)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from vemscale.errors import UserError
 from vemscale.io.ome_zarr import create_ome_zarr
+from vemscale.io.shards import DEFAULT_SHARD_VOXELS, plan_layout
 from vemscale.io.urls import parse_url
 from vemscale.io.volume import open_volume, parse_voxel_size
 
@@ -45,12 +46,16 @@ def ingest(
     chunks: str | Sequence[int] = DEFAULT_CHUNKS,
     overwrite: bool = False,
     zarr_format: int = 2,
+    sharded: bool = False,
+    shard_voxels: int = DEFAULT_SHARD_VOXELS,
 ) -> dict[str, Any]:
     """Copy `src` into a new OME-Zarr image at `dst` and return what was written.
 
     `voxel_size_xyz` (x,y,z nm) wins over the source's own metadata (OME/ImageJ TIFF tags, HDF5
     `resolution`/`element_size_um`, MRC header in Å); without either it is a UserError. `chunks` is z,y,x
-    (clipped to the shape); multi-channel sources get one channel per chunk.
+    (clipped to the shape); multi-channel sources get one channel per chunk. `sharded` writes OME-Zarr 0.5
+    (zarr v3) with the sharding codec: shards one slab deep, whole chunks up to `shard_voxels`, so each slab
+    write covers whole shards.
     """
     src_parsed, dst_parsed = parse_url(src), parse_url(dst)
     if src_parsed.location.rstrip("/") == dst_parsed.location.rstrip("/"):
@@ -62,8 +67,16 @@ def ingest(
                         "(e.g. --voxel-size 4.6,4.6,50)")
     zyx = parse_ints(chunks, 3, "chunks")
     out_chunks = ((1,) if vol.ndim == 4 else ()) + zyx
-    store = create_ome_zarr(dst, vol.shape, vol.dtype, out_chunks, voxel, overwrite=overwrite, zarr_format=zarr_format)
-    depth = min(zyx[0], vol.shape[-3])
+    shape_zyx = vol.shape[-3:]
+    depth = min(zyx[0], shape_zyx[0])
+    shard = None
+    if sharded:  # a slab (one chunk deep, the whole plane) is the block: its shards have one writer
+        if zarr_format == 2:
+            log.info("ingest: sharded output is zarr v3 (OME-Zarr 0.5)")
+        zarr_format = 3
+        shard = plan_layout("zarr", True, shape_zyx, zyx, (depth, *shape_zyx[1:]), target_voxels=shard_voxels).shard
+    store = create_ome_zarr(dst, vol.shape, vol.dtype, out_chunks, voxel, overwrite=overwrite, zarr_format=zarr_format,
+                            shard=shard)
     nz = vol.shape[-3]
     lead = (slice(None),) * (vol.ndim - 3)
     pending = None
@@ -87,6 +100,7 @@ def ingest(
         "dtype": str(vol.dtype),
         "voxel_size_xyz": list(voxel),
         "chunks": [int(c) for c in store.chunk_layout.read_chunk.shape],
+        "shard": list(shard) if shard else None,
         "source": os.fspath(src),
         "source_format": vol.kind,
     }
@@ -103,12 +117,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output of another shape/dtype")
     parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=2,
                         help="2: OME-Zarr 0.4 (zarr v2, default), 3: OME-Zarr 0.5 (zarr v3)")
+    parser.add_argument("--sharded", action="store_true",
+                        help="zarr v3 with the sharding codec: one object per shard of whole chunks, one slab deep")
+    parser.add_argument("--shard-voxels", type=int, default=DEFAULT_SHARD_VOXELS,
+                        help="target voxels per shard (default %(default)s)")
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     result = ingest(args.src, args.dst, voxel_size_xyz=args.voxel_size, chunks=args.chunks,
-                    overwrite=args.overwrite, zarr_format=args.zarr_format)
+                    overwrite=args.overwrite, zarr_format=args.zarr_format, sharded=args.sharded,
+                    shard_voxels=args.shard_voxels)
     vs = ",".join(f"{v:g}" for v in result["voxel_size_xyz"])
     print(f"wrote {result['output']}: shape {tuple(result['shape'])} {result['dtype']}, voxel size {vs} nm (x,y,z), "
-          f"chunks {tuple(result['chunks'])}")
+          f"chunks {tuple(result['chunks'])}" + (f", shards {tuple(result['shard'])}" if result["shard"] else ""))
     return result
