@@ -15,6 +15,7 @@ from PIL import Image
 from vemscale import cli
 from vemscale.errors import UserError
 from vemscale.io.ingest import ingest
+from vemscale.io.ome_zarr import create_ome_zarr
 from vemscale.io.volume import open_volume
 
 ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012_membranes" / "train" / "image.tif"
@@ -55,6 +56,19 @@ def test_sharded_ingest_writes_zarr3_shards_one_slab_deep_that_zarr_python_reads
     assert z.metadata.zarr_format == 3 and tuple(z.shards) == (8, 128, 512) and tuple(z.chunks) == (8, 128, 128)
     np.testing.assert_array_equal(z[...], tifffile.imread(ISBI))
     assert len([f for f in (dst / "0").rglob("*") if f.is_file() and f.name != "zarr.json"]) == 4 * 4  # vs 4*4*4
+    # a shard of whole chunks wider than the plane (3 x 192 > 512): reported as stored, and a rerun reopens it
+    wide = tmp_path / "wide.ome.zarr"
+    for _ in range(2):
+        out = ingest(str(ISBI), str(wide), voxel_size_xyz="4,4,50", chunks="8,192,192", sharded=True, shard_voxels=2**30)
+    assert out["shard"] == [8, 512, 512]
+    np.testing.assert_array_equal(open_volume(str(wide)).read(), tifffile.imread(ISBI))
+    # c,z,y,x sources: one channel per shard
+    src = tmp_path / "two.ome.zarr"
+    two = np.stack([tifffile.imread(ISBI)[:4], 255 - tifffile.imread(ISBI)[:4]])
+    create_ome_zarr(str(src), two.shape, np.uint8, (1, 4, 256, 256), (4, 4, 50)).write(two).result()
+    out = ingest(str(src), str(tmp_path / "two-sh.ome.zarr"), chunks="4,128,128", sharded=True)
+    z = zarr.open_array(str(tmp_path / "two-sh.ome.zarr" / "0"), mode="r")
+    assert tuple(z.shards) == (1, 4, 512, 512) and np.array_equal(z[...], two)
 
 
 def test_ingest_slice_folder_in_natural_order(tmp_path):

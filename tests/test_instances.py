@@ -324,6 +324,10 @@ def test_precomputed_sharded_segmentation_equals_cc3d_and_cloudvolume_reads_it(p
     np.testing.assert_array_equal(open_volume(str(out / "segmentation")).read(), ref)
     assert len(list((out / "segmentation" / scale["key"]).glob("*.shard"))) == 3 * 3 * 3  # vs 5 * 5 * 6 chunks
     assert pd.read_parquet(out / "objects")["id"].tolist() == list(range(1, int(ref.max()) + 1))
+    from vemscale.export.properties import instance_table
+
+    for url in (str(out / "segmentation"), "precomputed://" + str(out / "segmentation")):  # export finds the table
+        assert instance_table(url).rstrip("/").endswith(str(out / "objects")), url
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(UserError, match="exists as precomputed"):
         run_instances(cfg.model_copy(update={"segmentation_format": "zarr"}))

@@ -59,8 +59,8 @@ def instance_table(source_url: str) -> str | None:
     from vemscale.io.urls import join_url, kvstore_url, parse_url
 
     parsed = parse_url(source_url)
-    if parsed.dataset is not None or parsed.driver not in (None, "zarr"):
-        return None
+    if parsed.dataset is not None or parsed.driver not in (None, "zarr", "neuroglancer_precomputed"):
+        return None  # (instances writes its segmentation as OME-Zarr or, segmentation_format=precomputed, a layer)
     parent = kvstore_url(parsed).rstrip("/").rsplit("/", 1)[0] + "/"
     from vemscale.io.ome_zarr import read_group_attrs
 

@@ -75,8 +75,9 @@ def ingest(
             log.info("ingest: sharded output is zarr v3 (OME-Zarr 0.5)")
         zarr_format = 3
         shard = plan_layout("zarr", True, shape_zyx, zyx, (depth, *shape_zyx[1:]), target_voxels=shard_voxels).shard
+        shard = tuple(min(v, s) for v, s in zip(shard, shape_zyx))
     store = create_ome_zarr(dst, vol.shape, vol.dtype, out_chunks, voxel, overwrite=overwrite, zarr_format=zarr_format,
-                            shard=shard)
+                            shard=((1,) if vol.ndim == 4 else ()) + shard if shard else None)  # one channel per shard
     nz = vol.shape[-3]
     lead = (slice(None),) * (vol.ndim - 3)
     pending = None

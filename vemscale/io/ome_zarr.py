@@ -283,9 +283,10 @@ def create_ome_zarr(
     if exists_as_zarr:
         existing = _existing_array(kv, kv_url)
         same = existing is not None and tuple(existing.shape) == shape and np.dtype(existing.dtype.numpy_dtype) == dtype
-        if same and not overwrite and _write_unit(existing) != (shard or chunks):
+        want = tuple(min(v, s) for v, s in zip(shard or chunks, shape))  # as `_write_unit` clips it
+        if same and not overwrite and _write_unit(existing) != want:
             raise UserError(f"output {str(url)!r} exists with write chunks {_write_unit(existing)}, not "
-                            f"{shard or chunks} ({'sharded' if shard else 'unsharded'}); pass --overwrite "
+                            f"{want} ({'sharded' if shard else 'unsharded'}); pass --overwrite "
                             "(overwrite=True) to replace it, or choose another output")
         if same and not overwrite:
             log.info("reopening existing %s (shape %s, %s)", url, shape, dtype)
