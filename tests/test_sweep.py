@@ -98,6 +98,15 @@ def test_command_line_overrides_win():
     assert cfg.arms["retina"]["freeze"] == "vit_blocks" and cfg.resources.worker_resources() == {"CPU": 1.9, "GPU": 0.0}
 
 
+def test_an_arm_whose_name_has_dots_is_overridden_in_brackets():
+    cfg = load_sweep_config("configs/crossdomain_mito.yaml", ["arms[cdeep3m_to_vnc.ssl_multitask].init=p3k/checkpoint"])
+    assert cfg.arms["cdeep3m_to_vnc.ssl_multitask"]["init"] == "p3k/checkpoint"
+    assert cfg.arms["cdeep3m_to_vnc.ssl_multitask"]["multitask.schedule"] == "ynet"  # the rest of the arm stays
+    assert cfg.arms["vnc_to_cdeep3m.ssl_multitask"]["init"] == "runs/pretrain_vnc_cdeep3m/checkpoint"
+    with pytest.raises(ConfigError, match="in brackets"):
+        load_sweep_config("configs/crossdomain_mito.yaml", ["arms[cdeep3m_to_vnc.ssl.init=x"])
+
+
 def test_only_runs_the_named_arms_and_rejects_unknown_ones():
     cfg = load_sweep_config("configs/crossdomain_mito.yaml", ["only=[cdeep3m_to_vnc.source_only,vnc_to_cdeep3m.ssl]"])
     assert list(cfg.arms) == ["vnc_to_cdeep3m.ssl", "cdeep3m_to_vnc.source_only"]  # the config's order

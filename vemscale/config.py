@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Iterable, TypeVar
 
@@ -69,8 +70,18 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+def _key_parts(key: str, item: str) -> list[str]:
+    """`a.b.c` -> [a, b, c]; a bracketed part keeps its dots: `arms[vnc_to_cdeep3m.ssl].init` -> [arms, vnc_to_cdeep3m.ssl, init]."""
+    parts = re.findall(r"\[([^\[\]]+)\]|([^.\[\]]+)", key)
+    rebuilt = ".".join(f"[{b}]" if b else a for b, a in parts).replace(".[", "[")
+    if not parts or rebuilt != key:
+        raise ConfigError(f"override {item!r}: cannot read the key {key!r}; write nested keys as a.b.c, and a key "
+                          "with dots in brackets, e.g. arms[vnc_to_cdeep3m.ssl].init=...")
+    return [b or a for b, a in parts]
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Turn `a.b=1 c=x` into a nested dict; a token without `=` is an error that says so."""
+    """Turn `a.b=1 c=x` into a nested dict (`a[b.c]=1`: a key with dots); a token without `=` is an error that says so."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -80,7 +91,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         node = out
-        parts = key.split(".")
+        parts = _key_parts(key, item)
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
