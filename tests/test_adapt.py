@@ -114,6 +114,7 @@ def test_selection_keeper_keeps_the_smallest_distance_and_drops_intervals_after_
     assert (tmp_path / SELECTED_DIR / "iteration.txt").read_text() == "30"
 
 
+@pytest.mark.slow  # CI budget: runs with -m slow; the keeper's choice is unit-tested above
 def test_finetune_selects_by_morphology_as_recomputed_with_scikit_image(tmp_path, ray_local):
     """A real run with 3 validation points: the recorded prior, each interval's statistic and the choice are
     recomputed from the source labels and from `infer` of the kept checkpoint, with scikit-image regionprops."""
@@ -329,6 +330,7 @@ def torch_allclose(a, b) -> bool:
     return bool((a - b).abs().max() <= 1e-4 * max(1e-8, float(b.abs().max())))
 
 
+@pytest.mark.slow  # CI budget: runs with -m slow; the multitask step's gradients are unit-tested
 def test_multitask_finetune_selects_in_its_segmentation_phase_and_exports_the_segmentation_model(tmp_path, ray_local):
     from vemscale.checkpoint import load_checkpoint
     from vemscale.train.metrics_log import read_metrics

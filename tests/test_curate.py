@@ -159,6 +159,7 @@ def test_density_and_pixel_size_and_planes(ray_local, tmp_path):
     assert img.shape == (P, P) and np.abs(img - src.reshape(P, 2, P, 2).mean(axis=(1, 3))).mean() < 3
 
 
+@pytest.mark.slow  # CI budget: runs with -m slow; ~15 s
 def test_classifier_keeps_what_it_scores_informative(planted, ray_local, tmp_path):
     import torch
 
@@ -183,6 +184,7 @@ def test_classifier_keeps_what_it_scores_informative(planted, ray_local, tmp_pat
     assert not (tmp_path / "badclf").exists()
 
 
+@pytest.mark.slow  # CI budget: runs with -m slow; ~25 s
 def test_corpus_feeds_pretrain(ray_local, tmp_path):
     """The unlabeled VNC split, curated, then `pretrain data=<corpus>` trains on its patches."""
     from vemscale.config import build_config

@@ -134,6 +134,7 @@ def test_kill_and_resume(tmp_path, ray_local):
     assert rows == sorted(set(rows)) and rows[-1] == 40
 
 
+@pytest.mark.slow  # CI budget: runs with -m slow; the weight average is an option, off by default
 def test_weight_average_is_what_is_scored_saved_and_resumed(tmp_path, ray_local):
     """train.ema: checkpoints hold the average, its IoU is the one reported, the raw weights resume training."""
     import torch
@@ -211,7 +212,7 @@ SHORT = ["train.iterations=100", "train.batch_size=4", "train.val_every=100", "t
 # The ISBI run and the VNC run with blockwise inference are `slow` so the default suite stays under 15 minutes
 # on 2 cores; `tests/test_demo.py` checks infer == validation on the generated volume in the default suite.
 @pytest.mark.parametrize("config, floor, check_infer", [
-    ("configs/finetune_vnc_mito.yaml", 0.45, False),
+    pytest.param("configs/finetune_vnc_mito.yaml", 0.45, False, marks=pytest.mark.slow),  # CI budget (-m slow); test_demo fine-tunes in the default suite
     pytest.param("configs/finetune_vnc_mito.yaml", 0.45, True, marks=pytest.mark.slow),
     pytest.param("configs/finetune_isbi_membranes.yaml", 0.55, False, marks=pytest.mark.slow),
 ])

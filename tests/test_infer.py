@@ -185,7 +185,7 @@ def sharded_run(data, ray_local):
     return cfg, run_infer(cfg)["summary"]
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "precomputed"])
+@pytest.mark.parametrize("fmt", ["zarr", pytest.param("precomputed", marks=pytest.mark.slow)])  # CI budget: -m slow
 def test_sigkill_of_the_whole_run_then_rerun_computes_only_the_rest(data, ray_local, sharded_run, fmt):
     """A sharded output (zarr v3 or precomputed) killed mid-run resumes to the same bytes, file by file, as an
     uninterrupted run."""

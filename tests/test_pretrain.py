@@ -75,6 +75,7 @@ def test_pretrain_learns_and_writes_a_checkpoint(pretrained):
     assert result["metrics"]["samples_seen"] == ITERATIONS * BATCH
 
 
+@pytest.mark.slow  # CI budget: runs with -m slow; fine-tune kill/resume runs in the default suite
 def test_rerun_with_more_iterations_resumes(pretrained, unlabeled):
     """A rerun in the same run_dir continues model, optimizer and data stream (here on 1 worker: the
     stream's position is global, so the worker count may change)."""
