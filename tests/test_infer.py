@@ -25,10 +25,11 @@ from vemscale.blocks.ledger import Ledger, ledger_url
 from vemscale.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from vemscale.errors import UserError
 from vemscale.infer.outputs import argmax_labels, quantize_probabilities
-from vemscale.infer.pipeline import InferConfig, run_infer
+from vemscale.infer.pipeline import InferConfig, prepare_infer, run_infer
 from vemscale.infer.predictor import grid_and_normalizer
 from vemscale.infer.run import load_infer_config
 from vemscale.infer.tiling import numpy_reader, predict_block_orthoplane, predict_block_xy, predict_volume_xy
+from vemscale.infer.tta import with_tta
 from vemscale.io.volume import create_ome_zarr, open_volume
 from vemscale.models import create_model
 
@@ -52,12 +53,13 @@ def make_checkpoint(path: Path, sample: np.ndarray, in_chans: int = 1) -> Path:
     return save_checkpoint(path, model, meta)
 
 
-def reference(ckpt: Path, vol: np.ndarray, fn=None, box=None) -> tuple[np.ndarray, np.ndarray]:
+def reference(ckpt: Path, vol: np.ndarray, fn=None, box=None, tta: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Quantised probabilities and labels of the whole-volume sliding window (1 thread, as the workers)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model, meta = load_checkpoint(ckpt)
+        model = with_tta(model, tta)
         grid, norm = grid_and_normalizer(meta)
         if box is None:
             probs = predict_volume_xy(model, vol, grid, norm, batch_size=BATCH)
@@ -128,6 +130,23 @@ def test_orthoplane_with_a_short_halo_equals_one_block(data, ray_local):
     out = open_volume(f"{cfg.output}/probabilities").read()
     assert np.array_equal(out[(slice(None), *box)], probs)
     assert not out[:, :, :48].any() and not (Path(cfg.output) / "labels").exists()
+
+
+def test_tta_of_the_checkpoint_or_the_command_line_equals_the_whole_volume_reference(data, ray_local):
+    """A checkpoint validated with tiles.tta=8 is predicted with the 8-view mean; tta=1 on the command line turns
+    it off again. An ROI keeps the 8x cost small."""
+    model, meta = load_checkpoint(data.ckpt)
+    ckpt = save_checkpoint(data.root / "ckpt-tta", model, meta.model_copy(update={"tta": 8}))
+    box = (slice(0, 2), slice(48, 144), slice(0, 96))
+    probs, labels = reference(ckpt, data.vol, predict_block_xy, box, tta=8)
+    assert not np.array_equal(labels, data.labels[box])  # the views change some labels
+    cfg = config(data, "tta", checkpoint=str(ckpt), roi="0:2,48:144,0:96", block_shape=(2, 96, 96))
+    s = run_infer(cfg)["summary"]
+    assert s["computed"] == s["blocks"] == 1
+    for out, ref in zip(outputs(cfg.output), (probs, labels)):
+        assert np.array_equal(out[(Ellipsis, *box)], ref)
+    # the command line wins over the checkpoint (without TTA every other test here checks the bytes)
+    assert prepare_infer(config(data, "tta-off", checkpoint=str(ckpt), tta=1))["job"]["tta"] == 1
 
 
 def test_precomputed_output(data, ray_local):

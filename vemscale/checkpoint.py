@@ -45,6 +45,7 @@ class CheckpointMeta(BaseModel):
     normalization: dict[str, Any] = Field(default_factory=lambda: {"scale": 255.0, "mean": [0.5], "std": [0.25]})
     tile: int = 256
     margin: int = 32
+    tta: int = 1  # views averaged per tile (vemscale.infer.tta); inference uses it unless told otherwise
     voxel_size_xyz: list[float] | None = None
     planes: str = "xy"
     iteration: int = 0

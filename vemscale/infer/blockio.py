@@ -41,6 +41,7 @@ class BlockJob(BaseModel):
     layers: dict[str, dict[str, Any]]  # layer name -> tensorstore spec
     tile: int
     margin: int
+    tta: int = 1  # views averaged per tile (vemscale.infer.tta)
     mask: dict[str, Any] | None = None  # a vemscale.blocks.mask.MaskMap: blocks without tissue are not computed
     run_id: str = ""  # one per run: cached store handles never outlive the run that opened them
     lut: list[int] | None = None  # match_histogram: the input's grey values -> the reference's (io.histogram)

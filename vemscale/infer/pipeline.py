@@ -73,6 +73,9 @@ class InferConfig(StageConfig, ShardKeys):
     # histogram matching of the input to a reference (vemscale.io.histogram): "checkpoint" (the histogram of the
     # images the model was trained on), a reference volume URL, or a histogram .json; None = the raw grey values
     match_histogram: str | None = None
+    # test-time augmentation (vemscale.infer.tta): 1 = none, 8 = mean over 4 rotations x flip (8x the forward
+    # passes); None = what the checkpoint was validated with
+    tta: Literal[1, 8] | None = None
     overwrite: bool = False  # replace an existing output (and its ledger) instead of resuming
     progress: bool = True  # a progress bar over blocks on stderr
 
@@ -227,7 +230,14 @@ def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weig
         "device": "cuda-bf16" if use_gpu else "cpu-fp32",
         "layout": layout.to_dict() if layout else None, "mask": mask,
         "match_histogram": None if lut is None else hashlib.sha256(np.asarray(lut, np.uint16).tobytes()).hexdigest(),
+        # only when on, so the outputs of runs without it keep their fingerprint (and resume)
+        **({"tta": run_tta(cfg, meta)} if run_tta(cfg, meta) != 1 else {}),
     }
+
+
+def run_tta(cfg: InferConfig, meta: Any) -> int:
+    """The views averaged per tile: the command line's, else the checkpoint's."""
+    return int(cfg.tta if cfg.tta is not None else getattr(meta, "tta", 1))
 
 
 class _Stats:
@@ -328,7 +338,7 @@ def prepare_infer(cfg: InferConfig) -> dict[str, Any]:
                    weights_sha256=weights, grid=plan.to_dict(), halo=cfg.halo, mode=cfg.mode,
                    batch_size=cfg.batch_size, threads=cfg.threads_per_worker, use_gpu=num_gpus > 0,
                    layers={n: layer.spec for n, layer in layers.items()}, tile=grid.tile, margin=grid.margin,
-                   mask=mask.to_dict() if mask is not None else None,
+                   tta=run_tta(cfg, meta), mask=mask.to_dict() if mask is not None else None,
                    lut=None if checked["lut"] is None else checked["lut"].tolist(),
                    run_id=uuid.uuid4().hex).model_dump(mode="json")
     return {"t_start": t_start, "plan": plan, "layers": layers, "classes": classes, "k": k, "ledger": ledger,

@@ -23,6 +23,7 @@ from vemscale.infer.blockio import BlockJob, pack, unpack
 from vemscale.io.volume import open_volume_cached
 from vemscale.infer.outputs import argmax_labels, quantize_probabilities
 from vemscale.infer.tiling import Normalizer, TileBatcher, TileGrid, predict_boxes
+from vemscale.infer.tta import with_tta
 
 
 def weights_sha256(checkpoint: str | Path) -> str:
@@ -86,7 +87,8 @@ class Predictor:
         self.amp_dtype = torch.bfloat16 if use_cuda else None
         if weights_sha256(self.job.checkpoint) != self.job.weights_sha256:
             raise RuntimeError(f"checkpoint {self.job.checkpoint} changed since the run was planned; rerun infer")
-        self.model, meta = load_checkpoint(self.job.checkpoint, self.device)
+        model, meta = load_checkpoint(self.job.checkpoint, self.device)
+        self.model = with_tta(model, self.job.tta)
         self.tiles, self.normalize = grid_and_normalizer(meta, self.job.lut)
         self.grid = BlockGrid.from_dict(self.job.grid)
         self.layers = set(self.job.layers)

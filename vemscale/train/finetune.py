@@ -110,6 +110,8 @@ class TileConfig(Strict):
     tile: int = 256
     margin: int = 32
     batch_size: int = 4
+    # test-time augmentation (vemscale.infer.tta): 1 = none; 8 = mean over the 4 rotations x flip (8x the passes)
+    tta: Literal[1, 8] = 1
 
 
 class FinetuneConfig(StageConfig):

@@ -18,6 +18,7 @@ import torch
 from vemscale.checkpoint import CheckpointMeta, load_train_state, read_meta, save_checkpoint, WEIGHTS_FILE
 from vemscale.eval.metrics import class_scores, confusion_matrix, counts_from_confusion
 from vemscale.infer.tiling import Normalizer, TileGrid, numpy_reader, predict_block_xy
+from vemscale.infer.tta import with_tta
 from vemscale.train.augment import AugmentConfig, geometric_pair, intensity
 from vemscale.train.data import CropSampler, LabelledStack, load_labelled, plane_axes
 from vemscale.train.losses import segmentation_loss
@@ -64,8 +65,9 @@ class SegmentationStep:
         return float(loss.detach())
 
 
-def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Normalizer, k: int, device, batch: int) -> dict:
-    """IoU per class over whole held-out slices, predicted exactly as inference does (tiled, argmax)."""
+def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Normalizer, k: int, device, batch: int,
+             tta: int = 1) -> dict:
+    """IoU per class over whole held-out slices, predicted exactly as inference does (tiled, `tta` views, argmax)."""
     net = model.module if hasattr(model, "module") else model
     was_training = net.training
     net.eval()
@@ -73,7 +75,8 @@ def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Nor
     for st in stacks:
         shape = st.labels.shape
         box = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-        probs = predict_block_xy(net, numpy_reader(st.image), box, shape, grid, normalizer, batch_size=batch, device=device)
+        probs = predict_block_xy(with_tta(net, tta), numpy_reader(st.image), box, shape, grid, normalizer,
+                                 batch_size=batch, device=device)
         cm += confusion_matrix(probs.argmax(0).astype(np.uint8), st.labels, k)
     net.train(was_training)
     c = counts_from_confusion(cm)
@@ -84,7 +87,7 @@ def validate(model, stacks: list[LabelledStack], grid: TileGrid, normalizer: Nor
 
 
 def score_target(model, image: np.ndarray, labels: np.ndarray | None, sel: dict, grid: TileGrid,
-                 normalizer: Normalizer, device, batch: int) -> dict:
+                 normalizer: Normalizer, device, batch: int, tta: int = 1) -> dict:
     """The selection statistics of one validation interval: the target sample predicted as inference does."""
     from vemscale.train.select import target_metrics
 
@@ -93,7 +96,8 @@ def score_target(model, image: np.ndarray, labels: np.ndarray | None, sel: dict,
     net.eval()
     shape = image.shape[1:]
     box = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-    probs = predict_block_xy(net, numpy_reader(image), box, shape, grid, normalizer, batch_size=batch, device=device)
+    probs = predict_block_xy(with_tta(net, tta), numpy_reader(image), box, shape, grid, normalizer, batch_size=batch,
+                             device=device)
     net.train(was_training)
     cls = sel["class"]
     return target_metrics(probs[cls], None if labels is None else labels == cls, sel["method"], sel["prior"],
@@ -108,6 +112,7 @@ def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> Checkpoin
         normalization=cfg["normalization"],
         tile=cfg["tiles"]["tile"],
         margin=cfg["tiles"]["margin"],
+        tta=cfg["tiles"].get("tta", 1),
         voxel_size_xyz=cfg.get("voxel_size_xyz"),
         planes=cfg["data"]["planes"],
         iteration=it,
@@ -202,6 +207,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     normalizer = Normalizer(**cfg["normalization"])
     grid = TileGrid(cfg["tiles"]["tile"], cfg["tiles"]["margin"])
+    tta = cfg["tiles"].get("tta", 1)  # views averaged at validation, as inference with this checkpoint does
     axes = plane_axes(dcfg["planes"], cfg.get("voxel_size_xyz"))
     # seeds depend on (seed, rank, start) so a run, and a resumed run, are repeatable
     run_seed = (tcfg["seed"] * 1_000_003 + rank * 10_007 + start) % 2**31
@@ -275,16 +281,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             parts = {k: [] for k in parts}
         losses, step_time, step_images = [], 0.0, 0
         if rank == 0 and due_val and val_stacks:
-            metrics.update(validate(scored, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"]))
+            metrics.update(validate(scored, val_stacks, grid, normalizer, k, device, cfg["tiles"]["batch_size"], tta))
             if ema is not None:  # the raw weights' score beside the average's, same step
                 metrics["val_iou_raw"] = validate(seg_net, val_stacks, grid, normalizer, k, device,
-                                                  cfg["tiles"]["batch_size"])["val_iou"]
+                                                  cfg["tiles"]["batch_size"], tta)["val_iou"]
             best = max(best, metrics["val_iou"])
             metrics["best_val_iou"] = best
         # with the Y-Net schedule the reference selects in its last step only (Att_YNet.py custom_callback [F, F, T])
         selecting = not mt or mt["schedule"] != "ynet" or phase.name == "segmentation"
         if rank == 0 and due_val and target is not None and selecting:
-            metrics.update(score_target(scored, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"]))
+            metrics.update(score_target(scored, *target, sel, grid, normalizer, device, cfg["tiles"]["batch_size"],
+                                        tta))
         if rank == 0 and due_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 state = {"optimizer": optimizer.state_dict(), "iteration": done}
