@@ -140,6 +140,7 @@ def validate(cfg: InferConfig) -> dict[str, Any]:
         raise UserError(f"checkpoint {cfg.checkpoint!r} is a pre-training checkpoint (its head reconstructs images, it "
                         "has no classes); fine-tune it first (vemscale finetune ... init=<it>) and infer with the result")
     check_input_dtype(volume, meta, cfg.input, cfg.checkpoint)
+    run_tta(cfg, meta)  # a checkpoint's tta that is not 1 or 8 fails here, before any output
     in_chans = int(meta.model.get("in_chans", 1))
     if in_chans != _channels(volume.shape):
         raise UserError(f"checkpoint {cfg.checkpoint!r} expects {in_chans} input channel(s) but {cfg.input!r} has "
@@ -231,13 +232,19 @@ def describe_run(cfg: InferConfig, volume: Any, meta: Any, plan: BlockGrid, weig
         "layout": layout.to_dict() if layout else None, "mask": mask,
         "match_histogram": None if lut is None else hashlib.sha256(np.asarray(lut, np.uint16).tobytes()).hexdigest(),
         # only when on, so the outputs of runs without it keep their fingerprint (and resume)
-        **({"tta": run_tta(cfg, meta)} if run_tta(cfg, meta) != 1 else {}),
+        **({"tta": tta} if (tta := run_tta(cfg, meta)) != 1 else {}),
     }
 
 
 def run_tta(cfg: InferConfig, meta: Any) -> int:
-    """The views averaged per tile: the command line's, else the checkpoint's."""
-    return int(cfg.tta if cfg.tta is not None else getattr(meta, "tta", 1))
+    """The views averaged per tile: the command line's, else the checkpoint's (checked before any output exists)."""
+    from vemscale.infer.tta import VIEWS
+
+    views = int(cfg.tta if cfg.tta is not None else getattr(meta, "tta", 1))
+    if views not in VIEWS:
+        raise UserError(f"checkpoint {cfg.checkpoint!r} asks for tta={views}; use one of {VIEWS}, or override it "
+                        "with tta=1 or tta=8")
+    return views
 
 
 class _Stats:
