@@ -126,12 +126,25 @@ def test_kill_and_resume(tmp_path, ray_local):
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert rows == sorted(set(rows)) and rows[-1] == 40  # one row per logged iteration, none repeated
 
-    # run once more: nothing is left to train, the same checkpoint and its held-out IoU come back
+
+@pytest.mark.slow  # CI budget (-m slow); test_kill_and_resume keeps the resume itself in the default suite
+def test_rerun_of_a_finished_run_trains_nothing_and_returns_its_checkpoint(tmp_path, ray_local):
+    from vemscale.config import load_config
+    from vemscale.train.finetune import FinetuneConfig, finetune
+
+    run_dir = tmp_path / "run"
+    cfg = _write_config(
+        tmp_path / "c.yaml", run_dir=str(run_dir),
+        data={"train": [_vnc("0:2")], "val": [_vnc("16:17")], "classes": ["background", "mitochondria"]},
+        model={"name": "tiny"},
+        train={"iterations": 20, "batch_size": 2, "crop": 128, "log_every": 5, "val_every": 20, "checkpoint_every": 10},
+    )
+    first = finetune(load_config(FinetuneConfig, cfg))
     second = finetune(load_config(FinetuneConfig, cfg))
-    assert second["metrics"]["resumed_from"] == 40 and second["metrics"]["val_iou"] == result["metrics"]["val_iou"]
-    assert json.loads((Path(second["checkpoint"]) / "vemscale.json").read_text())["iteration"] == 40
+    assert second["metrics"]["resumed_from"] == 20 and second["metrics"]["val_iou"] == first["metrics"]["val_iou"]
+    assert json.loads((Path(second["checkpoint"]) / "vemscale.json").read_text())["iteration"] == 20
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    assert rows == sorted(set(rows)) and rows[-1] == 40
+    assert rows == sorted(set(rows)) and rows[-1] == 20  # the rerun adds no row
 
 
 @pytest.mark.slow  # CI budget: runs with -m slow; the weight average is an option, off by default
