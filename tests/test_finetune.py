@@ -89,17 +89,23 @@ def _checkpoint_iterations(run_dir: Path) -> list[int]:
     return sorted(its)
 
 
+def _short_vnc_run(tmp_path: Path, run_dir: Path, iterations: int) -> Path:
+    """A tiny-model fine-tune on 2 VNC slices, validated once at the end, checkpointed every 10 iterations."""
+    return _write_config(
+        tmp_path / "c.yaml", run_dir=str(run_dir),
+        data={"train": [_vnc("0:2")], "val": [_vnc("16:17")], "classes": ["background", "mitochondria"]},
+        model={"name": "tiny"},
+        train={"iterations": iterations, "batch_size": 2, "crop": 128, "log_every": 5, "val_every": iterations,
+               "checkpoint_every": 10},
+    )
+
+
 def test_kill_and_resume(tmp_path, ray_local):
     from vemscale.config import load_config
     from vemscale.train.finetune import FinetuneConfig, finetune
 
     run_dir = tmp_path / "run"
-    cfg = _write_config(
-        tmp_path / "c.yaml", run_dir=str(run_dir),
-        data={"train": [_vnc("0:2")], "val": [_vnc("16:17")], "classes": ["background", "mitochondria"]},
-        model={"name": "tiny"},
-        train={"iterations": 40, "batch_size": 2, "crop": 128, "log_every": 5, "val_every": 40, "checkpoint_every": 10},
-    )
+    cfg = _short_vnc_run(tmp_path, run_dir, iterations=40)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(VEMSCALE + ["finetune", str(cfg)], cwd=ROOT, env=env, start_new_session=True,
@@ -133,12 +139,7 @@ def test_rerun_of_a_finished_run_trains_nothing_and_returns_its_checkpoint(tmp_p
     from vemscale.train.finetune import FinetuneConfig, finetune
 
     run_dir = tmp_path / "run"
-    cfg = _write_config(
-        tmp_path / "c.yaml", run_dir=str(run_dir),
-        data={"train": [_vnc("0:2")], "val": [_vnc("16:17")], "classes": ["background", "mitochondria"]},
-        model={"name": "tiny"},
-        train={"iterations": 20, "batch_size": 2, "crop": 128, "log_every": 5, "val_every": 20, "checkpoint_every": 10},
-    )
+    cfg = _short_vnc_run(tmp_path, run_dir, iterations=20)
     first = finetune(load_config(FinetuneConfig, cfg))
     second = finetune(load_config(FinetuneConfig, cfg))
     assert second["metrics"]["resumed_from"] == 20 and second["metrics"]["val_iou"] == first["metrics"]["val_iou"]
