@@ -11,6 +11,7 @@ from typing import Any
 
 from .common import GROUP_NAMES, SegmentationModel
 from .registry import ALIASES, create_model, list_models, register_model, resolve_name
+from .ensemble import Ensemble
 from .pixel import PixelLinear
 from .transunet import TRANSUNET_SIZES, TransUNet
 from .unet_resnet import UNET_RESNET_SIZES, UNetResNet
@@ -46,7 +47,14 @@ def pixel_linear(**kwargs: Any) -> PixelLinear:
     return PixelLinear(**kwargs)
 
 
+@register_model
+def ensemble(**kwargs: Any) -> Ensemble:
+    """The mean probability of several models (`members`: their specs), written by `vemscale ensemble`."""
+    return Ensemble(**kwargs)
+
+
 __all__ = [
+    "Ensemble",
     "PixelLinear",
     "ALIASES",
     "GROUP_NAMES",

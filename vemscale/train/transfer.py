@@ -133,6 +133,9 @@ def apply_init(model: nn.Module, init_path: str | Path, transfer: str = "all", f
     net = _net(model)
     where = repr(str(init_path))
     meta = read_meta(init_path)
+    if meta.model.get("name") == "ensemble":
+        raise UserError(f"checkpoint {where} is an ensemble (vemscale ensemble), for inference only; fine-tune from "
+                        "one of its members: " + ", ".join(str(m.get("checkpoint")) for m in meta.metrics.get("members", [])))
     if transfer == "none":
         return {"transferred": 0, "frozen": 0, "skipped": []}
     check_architecture(net, meta.model, where)
