@@ -3,13 +3,14 @@
 Each arm's seeds (their last checkpoints) are grouped `--size` at a time in seed order; every group becomes one
 checkpoint with `vemscale ensemble` (vemscale.models.ensemble) and is scored exactly as the sweep scored its trials:
 the target sample of the trial's config (IoU against the target labels, which only score, and the morphology
-statistic), and with `--val` the source's held-out slices. Source-only arms (from the same sweeps or
+statistic), and for source-only arms the source's held-out slices too. Source-only arms (from the same sweeps or
 `--baseline` sweeps) give each pair's source-only IoU, and the other pair's source-only val IoU its target-trained
 reference (cdeep3m_to_vnc's val is CDeep3M trained and tested on CDeep3M), so the recovered fraction
 (IoU - source-only) / (reference - source-only) is printed for single seeds (means) and for ensembles of each.
 
-    python -m vemscale.bench.crossdomain_ensemble --sweeps runs/crossdomain_mito_tta1k runs/crossdomain_mito_tta1k_s345 \\
-        --baseline runs/crossdomain_mito_so --size 3 --out runs/ensemble_tta1k
+    python -m vemscale.bench.crossdomain_ensemble --sweeps runs/crossdomain_mito_ens --size 3 --out runs/ens_1k
+
+(the sweep command and the figures: BENCHMARKS.md, "Seed ensembles of the 1,000-iteration setting").
 
 Reports, never asserts; results in <out>/results.json and a Markdown table on stdout. Rerunning reuses the
 ensemble checkpoints and scores already under --out.
@@ -64,10 +65,11 @@ def score(ckpt: Path, member: Path, with_val: bool) -> dict[str, float]:
     s = {"method": selection["method"], "prior": selection["prior"], "threshold": cfg["selection"]["threshold"],
          "min_size": cfg["selection"]["min_size"], "objects": cfg["selection"].get("objects", "stack"),
          "class": sel.class_index(meta.classes, cfg["selection"].get("class_name"))}
-    out = score_target(model, image, labels, s, grid, norm, "cpu", 8, meta.tta)
+    batch = cfg["tiles"]["batch_size"]  # as the trial predicted it
+    out = score_target(model, image, labels, s, grid, norm, "cpu", batch, meta.tta)
     if with_val:
         stacks = [load_labelled(v["image"], v["labels"], v.get("slices"), len(meta.classes)) for v in cfg["data"]["val"]]
-        out.update(validate(model, stacks, grid, norm, len(meta.classes), "cpu", 8, meta.tta))
+        out.update(validate(model, stacks, grid, norm, len(meta.classes), "cpu", batch, meta.tta))
     return out
 
 
