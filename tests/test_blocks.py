@@ -100,6 +100,21 @@ def test_ledger_marks_lists_counts_and_payloads(tmp_path):
     assert Ledger.open(url, {"geometry": 2}).fresh  # an overwrite forgets the done set
 
 
+def test_overlapping_marks_count_and_yield_each_block_once(tmp_path):
+    """A stale task of a failed run can mark ids that the rerun marks again under other keys (the rerun batches the
+    pending ids differently): counts and payloads are of the union, checked against a Python set."""
+    ledger = Ledger.open(f"file://{tmp_path}/ledger/", {"geometry": 1})
+    marks = [np.arange(4, 8), np.arange(6, 10), np.arange(0, 2), np.arange(5, 7), np.array([SHARD - 1, SHARD, SHARD + 1])]
+    for ids in marks:
+        ledger.mark_done(ids, [f"p{i}".encode() for i in ids])
+    done = sorted({int(i) for ids in marks for i in ids})
+    n = SHARD + 2
+    assert ledger.count_done(n) == len(done) and ledger.count_done(9) == len([i for i in done if i < 9])
+    assert [i for i, _ in ledger.payloads(n)] == done
+    assert dict(ledger.payloads(n)) == {i: f"p{i}".encode() for i in done}
+    assert sorted(set(range(n)) - set(done)) == np.concatenate(list(ledger.pending(0, n))).tolist()
+
+
 def test_resuming_a_million_block_ledger_lists_in_seconds(tmp_path):
     """1e6 blocks marked in batches of 256 (the runner's batches): counting and listing pending stay fast."""
     ledger = Ledger.open(f"file://{tmp_path}/big/", {"n": 1_000_000})
