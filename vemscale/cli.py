@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("vemscale.train.pretrain", "self-supervised pre-training on unlabeled EM (RETINA or MoCoV2, Ray Train)"),
     "finetune": ("vemscale.train.finetune", "fine-tune a segmentation model on labelled volumes (Ray Train)"),
     "sweep": ("vemscale.tune.run", "fine-tuning over arms x hyperparameters x seeds on Ray Tune, with statistics and plots"),
+    "select": ("vemscale.train.select_runs", "the morphology rule across runs (e.g. seeds): the checkpoint closest to the source's shapes"),
     "ensemble": ("vemscale.models.ensemble", "several fine-tuned checkpoints (e.g. seeds) as one: their mean probability"),
     "evaluate": ("vemscale.eval.evaluate", "score a prediction against ground truth (IoU, F1, precision, recall, MFD)"),
     "infer": ("vemscale.infer.run", "predict a whole volume blockwise on a Ray Data actor pool"),

@@ -19,7 +19,6 @@ ensemble checkpoints and scores already under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics as st
 import time
@@ -29,18 +28,11 @@ from typing import Any
 
 def read_trials(sweep: Path) -> list[dict[str, Any]]:
     """DONE trials of a sweep (its trials.csv) with the trial's final checkpoint."""
-    rows = list(csv.DictReader(open(sweep / "trials.csv")))
-    out = []
-    for r in rows:
-        if r["status"] != "DONE":
-            continue
-        run_dir = Path(r["run_dir"])
-        if not run_dir.is_dir():  # a copied sweep: the trial's directory beside trials.csv
-            run_dir = sweep / "trials" / run_dir.name
-        out.append({"arm": r["arm"], "seed": int(r["seed"]), "checkpoint": run_dir / "checkpoint", "sweep": str(sweep),
-                    "target_iou": float(r["target_iou_last"]) if r.get("target_iou_last") else None,
-                    "val_iou": float(r["final_val_iou"])})
-    return out
+    from vemscale.tune.results import read_trials as done_trials
+
+    return [{"arm": r["arm"], "seed": int(r["seed"]), "checkpoint": r["run_dir"] / "checkpoint", "sweep": str(sweep),
+             "target_iou": float(r["target_iou_last"]) if r.get("target_iou_last") else None,
+             "val_iou": float(r["final_val_iou"])} for r in done_trials(sweep)]
 
 
 def score(ckpt: Path, member: Path, with_val: bool) -> dict[str, float]:

@@ -117,3 +117,23 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """A table of rows (columns from the first row, `_private` keys left out; None as an empty cell)."""
     cols = [c for c in (rows[0] if rows else {}) if not c.startswith("_")]
     write_metrics(path, [{c: "" if r.get(c) is None else r[c] for c in cols} for r in rows], cols)
+
+
+def read_trials(sweep_dir: Path) -> list[dict[str, Any]]:
+    """A written sweep's finished (DONE) trials from its trials.csv, each with `run_dir` resolved: the recorded
+    path, or the trial's directory beside trials.csv when the sweep was copied elsewhere."""
+    import csv
+
+    from vemscale.errors import UserError
+
+    path = Path(sweep_dir) / "trials.csv"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"arm", "seed", "status", "run_dir"} - set(reader.fieldnames or ())
+        if missing:
+            raise UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: not a vemscale sweep's trials.csv")
+        rows = [r for r in reader if r["status"] == "DONE"]
+    for r in rows:
+        d = Path(r["run_dir"])
+        r["run_dir"] = d if d.is_dir() else Path(sweep_dir) / "trials" / d.name
+    return rows
