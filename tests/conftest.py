@@ -13,9 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("VEMSCALE_DATA", ROOT.parent / "shared" / "data"))
-# every local Ray the tests start (theirs and their `vemscale` subprocesses') runs without the dashboard: ~4 CPU-s
-# less per start, and the suite starts dozens (a `ray start` head for `ray job submit` keeps its own)
-os.environ.setdefault("VEMSCALE_RAY_DASHBOARD", "0")
 
 
 def data_path(*parts: str) -> Path:
@@ -45,7 +42,7 @@ def ray_local():
 
     os.environ.pop("RAY_ADDRESS", None)
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, logging_level="WARNING")  # dashboard: the state API
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

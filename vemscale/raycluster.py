@@ -23,11 +23,8 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
             # a cluster (or a `ray job submit` job): its runtime env is the job's; set TRAIN_ENV there
             ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         else:
-            # a fresh local instance; export RAY_ADDRESS=auto to join a `ray start` cluster instead.
-            # VEMSCALE_RAY_DASHBOARD=0 starts it without the dashboard (~2 s and ~4 CPU-s less per start; the tests)
-            dashboard = os.environ.get("VEMSCALE_RAY_DASHBOARD", "1") not in ("0", "false", "no")
-            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars},
-                     include_dashboard=dashboard, **kwargs)
+            # a fresh local instance; export RAY_ADDRESS=auto to join a `ray start` cluster instead
+            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, **kwargs)
     return ray.cluster_resources()
 
 
