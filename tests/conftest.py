@@ -23,18 +23,6 @@ def data_path(*parts: str) -> Path:
     return p
 
 
-# The suite runs on 2 pytest-xdist workers a whole file at a time (pyproject's addopts, `--no-loadscope-reorder`):
-# the files that take longest go first so that no worker is left with one at the end (longest-processing-time
-# first). Totals from `--durations=0` on 2 cores, 2026-12-06: infer 344 s, finetune 139, demo 95, jobs 79, ...
-LONGEST_FIRST = ("test_infer.py", "test_finetune.py", "test_demo.py", "test_jobs.py", "test_pretrain.py", "test_s3.py",
-                 "test_instances.py", "test_adapt.py", "test_export.py", "test_convert.py", "test_sweep.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """An in-process local Ray with the machine's CPUs, shared by the tests that need Ray."""
