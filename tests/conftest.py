@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 
+
 def pytest_configure(config):
     """Each pytest worker's share of the cores as torch's thread count, set before any test module imports torch.
 
