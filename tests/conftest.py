@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -52,6 +55,25 @@ def ray_local():
         ray.init(address="local", num_cpus=os.cpu_count() or 2, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def cli(*args: object) -> SimpleNamespace:
+    """`vemscale <args>` through the command line's own entry point, in this process: exit code, stdout, stderr.
+
+    For commands that end before any block or training step (bad input, --check): a fresh interpreter would only
+    add ~7 CPU-s of importing torch and timm, which this test process already holds. Commands run from the
+    repository root, as in the README."""
+    from vemscale.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def kill_session(sid: int) -> None:

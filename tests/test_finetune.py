@@ -15,7 +15,7 @@ import pytest
 import tifffile
 import yaml
 
-from conftest import ROOT, data_path
+from conftest import ROOT, cli, data_path
 
 VEMSCALE = [sys.executable, "-m", "vemscale.cli"]
 
@@ -39,7 +39,7 @@ def _run(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(VEMSCALE + args, capture_output=True, text=True, cwd=ROOT, env=env, **kw)
 
 
-# --- bad input: each fails with exit 2 and a message before any training starts -------------------------
+# --- bad input: each fails with exit 2 and a message before any training starts (the CLI, in process) ---------------------
 
 
 def test_labels_shape_mismatch(tmp_path):
@@ -47,7 +47,7 @@ def test_labels_shape_mismatch(tmp_path):
     tifffile.imwrite(tmp_path / "lab.tif", np.zeros((2, 64, 32), np.uint8))
     cfg = _write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),
                         data={"train": [{"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.tif")}]})
-    r = _run(["finetune", str(cfg)])
+    r = cli("finetune", cfg)
     assert r.returncode == 2, r.stderr
     assert "(2, 64, 32)" in r.stderr and "same voxels" in r.stderr
     assert not (tmp_path / "run").exists()
@@ -61,17 +61,17 @@ def test_label_values_outside_classes(tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", run_dir=str(tmp_path / "run"),
                         data={"train": [{"image": str(tmp_path / "img.tif"), "labels": str(tmp_path / "lab.tif")}],
                               "classes": ["background", "mito"]})
-    r = _run(["finetune", str(cfg)])
+    r = cli("finetune", cfg)
     assert r.returncode == 2 and "declares 2 classes" in r.stderr and "[0, 3]" in r.stderr
 
 
 def test_empty_training_set_missing_file_and_bad_key(tmp_path):
-    r = _run(["finetune", f"run_dir={tmp_path / 'run'}"])
+    r = cli("finetune", f"run_dir={tmp_path / 'run'}")
     assert r.returncode == 2 and "training set is empty" in r.stderr
     cfg = _write_config(tmp_path / "c.yaml", data={"train": [{"image": str(tmp_path / "nope.tif"), "labels": str(tmp_path / "nope.tif")}]})
-    r = _run(["finetune", str(cfg), f"run_dir={tmp_path / 'run'}"])
+    r = cli("finetune", cfg, f"run_dir={tmp_path / 'run'}")
     assert r.returncode == 2 and "nope.tif" in r.stderr and "does not exist" in r.stderr
-    r = _run(["finetune", "configs/finetune_vnc_mito.yaml", "train.iteratons=3"])
+    r = cli("finetune", "configs/finetune_vnc_mito.yaml", "train.iteratons=3")
     assert r.returncode == 2 and "unknown config key 'train.iteratons'" in r.stderr and "iterations" in r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -105,7 +105,7 @@ def test_kill_and_resume(tmp_path, ray_local):
     from vemscale.train.finetune import FinetuneConfig, finetune
 
     run_dir = tmp_path / "run"
-    cfg = _short_vnc_run(tmp_path, run_dir, iterations=40)
+    cfg = _short_vnc_run(tmp_path, run_dir, iterations=20)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(VEMSCALE + ["finetune", str(cfg)], cwd=ROOT, env=env, start_new_session=True,
@@ -114,13 +114,13 @@ def test_kill_and_resume(tmp_path, ray_local):
     try:
         while time.time() < deadline and not _checkpoint_iterations(run_dir):
             assert proc.poll() is None, "fine-tuning ended before it could be killed"
-            time.sleep(1)
+            time.sleep(0.2)
         killed_after = _checkpoint_iterations(run_dir)
         assert killed_after, "no checkpoint appeared within 300 s"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert max(killed_after) < 40
+    assert max(killed_after) < 20
     time.sleep(3)
     saved = max(_checkpoint_iterations(run_dir))  # the newest complete checkpoint the rerun will find
 
@@ -128,9 +128,9 @@ def test_kill_and_resume(tmp_path, ray_local):
     result = finetune(load_config(FinetuneConfig, cfg))
     assert result["metrics"]["resumed_from"] == saved
     meta = json.loads((Path(result["checkpoint"]) / "vemscale.json").read_text())
-    assert meta["iteration"] == 40
+    assert meta["iteration"] == 20
     rows = [int(float(line.split(",")[0])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    assert rows == sorted(set(rows)) and rows[-1] == 40  # one row per logged iteration, none repeated
+    assert rows == sorted(set(rows)) and rows[-1] == 20  # one row per logged iteration, none repeated
 
 
 @pytest.mark.slow  # CI budget (-m slow); test_kill_and_resume keeps the resume itself in the default suite

@@ -4,9 +4,6 @@ from the checkpoint with the transformer frozen keeps it bit-identical through D
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from conftest import ROOT, data_path
+from conftest import cli, data_path
 from vemscale.config import build_config
 from vemscale.train.finetune import FinetuneConfig, finetune
 from vemscale.train.metrics_log import read_metrics
@@ -120,10 +117,7 @@ def test_finetune_with_retinas_sets_keeps_the_vit_blocks_bit_identical(pretraine
 
 
 def test_cli_bad_input_fails_before_training(tmp_path):
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([sys.executable, "-m", "vemscale.cli", "pretrain", f"data={tmp_path / 'nope'}",
-                        f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    r = cli("pretrain", f"data={tmp_path / 'nope'}", f"run_dir={tmp_path / 'run'}")
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 

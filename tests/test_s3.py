@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_jobs import INFER_ARGS, SHAPE, VOXEL, free_ports, make_inputs, read_prediction
+from test_jobs import INFER_ARGS, SHAPE, VOXEL, free_ports, make_inputs, read_prediction, reference_prediction
 from vemscale.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, local_checkpoint, read_meta
 from vemscale.errors import UserError
 from vemscale.infer.pipeline import InferConfig, run_infer
@@ -158,17 +158,14 @@ def test_infer_reads_and_writes_s3_and_matches_a_local_run(s3, tmp_path):
                                  "labels": f"s3://{BUCKET}/pred/labels"}
     assert result["summary"]["computed"] == result["summary"]["blocks"] == 12
 
-    # the same config on local copies, in this process
-    config_yaml = str(ROOT / "configs" / "infer.yaml")
-    local_cfg = load_infer_config([config_yaml, f"input={data.input}", f"output={tmp_path / 'pred'}",
-                                   f"checkpoint={data.ckpt}", f"run_dir={tmp_path / 'run-local'}", *INFER_ARGS])
-    run_infer(local_cfg)
+    # the bytes of one whole-volume sliding window over the local copy (what a local run writes, test_jobs.py)
     s3_probs, s3_labels = read_prediction(f"s3://{BUCKET}/pred")
-    probs, labels = read_prediction(str(tmp_path / "pred"))
+    probs, labels = reference_prediction(data.ckpt, data.vol)
     assert np.array_equal(s3_probs, probs) and np.array_equal(s3_labels, labels)
     assert open_volume(f"s3://{BUCKET}/pred/labels").voxel_size_xyz == VOXEL
 
     # a rerun against the S3 ledger computes nothing (the driver alone reads the ledger; no actor starts)
+    config_yaml = str(ROOT / "configs" / "infer.yaml")
     again = run_infer(load_infer_config([config_yaml, *urls, f"run_dir={tmp_path / 'run-again'}", *INFER_ARGS]))
     assert (again["summary"]["computed"], again["summary"]["skipped"]) == (0, 12)
 

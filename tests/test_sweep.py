@@ -17,7 +17,7 @@ import pytest
 import tifffile
 import yaml
 
-from conftest import ROOT, data_path
+from conftest import ROOT, cli, data_path
 from vemscale.config import ConfigError
 from vemscale.errors import UserError
 from vemscale.tune.config import SweepConfig, compose
@@ -161,12 +161,12 @@ def test_inputs_opened_per_arm(vnc_crop, tmp_path):
 def test_cli_check_and_bad_key_fail_before_any_trial(vnc_crop, tmp_path):
     cfg = _sweep_yaml(tmp_path / "s.yaml", run_dir=str(tmp_path / "run"), base=str(vnc_crop["base"]),
                       arms={"a": {}, "b": {"train.lr": 0.003}}, seeds=[0, 1])
-    r = _run(["sweep", str(cfg), "--check"])
+    r = cli("sweep", cfg, "--check")
     assert r.returncode == 0, r.stderr
     assert "sweep ok: 4 trials" in r.stdout
-    r = _run(["sweep", str(cfg), "arms.b.train.lrr=1"])
+    r = cli("sweep", cfg, "arms.b.train.lrr=1")
     assert r.returncode == 2 and "unknown config key 'train.lrr'" in r.stderr and "lr," in r.stderr
-    r = _run(["sweep", "--resume", str(tmp_path / "nothing")])
+    r = cli("sweep", "--resume", tmp_path / "nothing")
     assert r.returncode == 2 and "holds no sweep" in r.stderr
     assert not (tmp_path / "run").exists()
 

@@ -187,18 +187,11 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_finetune_refuses_a_mismatched_init_before_training(tmp_path):
     """`vemscale finetune init=...` checks the checkpoint against the model in the driver: exit 2, no run."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from conftest import cli
 
     path, _ = _checkpoint(tmp_path)
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([sys.executable, "-m", "vemscale.cli", "finetune", "configs/finetune_vnc_mito.yaml", f"init={path}",
-                        "model.name=unet_resnet18", "transfer=encoder", f"run_dir={tmp_path / 'run'}"],
-                       capture_output=True, text=True, cwd=ROOT, env=env)
+    r = cli("finetune", "configs/finetune_vnc_mito.yaml", f"init={path}", "model.name=unet_resnet18", "transfer=encoder",
+            f"run_dir={tmp_path / 'run'}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "holds a transunet_tiny but the model is unet_resnet18" in r.stderr
     assert not (tmp_path / "run").exists()
