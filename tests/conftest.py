@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -101,3 +102,67 @@ def kill_cli_when(args: list[str], condition: Callable[[], bool], timeout: float
     finally:
         kill_session(proc.pid)
         proc.wait()
+
+
+def free_ports(n: int) -> list[int]:
+    """n free TCP ports on the loopback interface."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# --- a local S3 server ---------------------------------------------------------------------------------------------
+
+BUCKET = "vem"
+# dummy credentials, but treated as secrets: none of them may show up in logs or outputs
+KEY_ID = "AKIAVEMSCALETESTKEY7"
+SECRET = "vemscale-test-secret-2f6c9d0b8e1a47f3"
+
+
+@pytest.fixture(scope="module")
+def s3(ray_local, tmp_path_factory):
+    """moto's S3 server on a free loopback port, one bucket, and the AWS_* environment pointing at it.
+
+    `ray_local` first: the in-process Ray starts before AWS_* are set, so its workers never hold the credentials.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
+           "AWS_REGION": "us-east-1"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION"):
+                mp.delenv(k, raising=False)
+            for k, v in env.items():
+                mp.setenv(k, v)
+            mp.setenv("VEMSCALE_CHECKPOINT_CACHE", str(tmp_path_factory.mktemp("ckpt-cache")))
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            yield SimpleNamespace(endpoint=endpoint, env=env, client=client)
+    finally:
+        server.stop()
+
+
+def upload_dir(client, local: str | Path, prefix: str) -> None:
+    """What `aws s3 cp --recursive local s3://bucket/prefix` does."""
+    for f in sorted(Path(local).rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(local).as_posix()}")
+
+
+def bucket_objects(client) -> dict[str, bytes]:
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])]
+    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}

@@ -270,7 +270,7 @@ def test_an_s3_input_without_credentials_says_to_set_them(world, tmp_path):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from test_jobs import free_ports
+    from conftest import free_ports
 
     port = free_ports(1)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -1,5 +1,6 @@
 """`ray job submit` end to end: a real Ray head started with `ray start` (loopback, token auth on), the README's
-submit command with `--working-dir .`, a real inference job and a job with a bad config key.
+submit command with `--working-dir .`, a real inference job from and to S3 (a local S3 server, the credentials in
+the head's environment only) and a job with a bad config key.
 
 The head gets its own --temp-dir, its own token file and free ports, and is stopped by killing exactly the
 processes of that head (never `ray stop`, which would stop every Ray instance on the machine).
@@ -12,7 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +27,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import ROOT, data_path
+from conftest import BUCKET, KEY_ID, ROOT, SECRET, bucket_objects, data_path, free_ports, upload_dir
 from vemscale.checkpoint import CheckpointMeta, save_checkpoint
 from vemscale.io.volume import create_ome_zarr, open_volume
 from vemscale.models import create_model
@@ -80,19 +80,6 @@ def reference_prediction(ckpt: str, vol: np.ndarray) -> tuple[np.ndarray, np.nda
 # --- a Ray head of our own ---------------------------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def head_processes(temp_dir: str) -> list[psutil.Process]:
     """Processes of the head rooted at `temp_dir` (their command lines name it) and all their descendants."""
     found: dict[int, psutil.Process] = {}
@@ -136,13 +123,14 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 240, cwd: Path = R
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """`ray start --head` on loopback with token auth, 2 CPUs, a private temp dir, token file and ports."""
+def head(tmp_path_factory, s3):
+    """`ray start --head` on loopback with token auth, 2 CPUs, a private temp dir, token file and ports; the S3
+    credentials and endpoint in its environment (as on a cluster's nodes), so its jobs' processes inherit them."""
     temp_dir = tempfile.mkdtemp(prefix="vsray-", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     token = tmp_path_factory.mktemp("auth") / "token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+    env.update(s3.env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))  # `python` = this venv's
     (gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_manager, object_manager) = free_ports(9)
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
@@ -195,26 +183,55 @@ def job_status(head, job_id: str) -> str:
     return states[-1]
 
 
-def test_infer_job_runs_on_the_head_and_writes_the_prediction(head, inputs, tmp_path):
+def test_infer_job_runs_on_the_head_from_and_to_s3_without_leaking_credentials(head, inputs, s3, tmp_path):
+    # the input written straight to S3 through tensorstore, the checkpoint uploaded as a directory of files
+    create_ome_zarr(f"s3://{BUCKET}/em/vol.ome.zarr", SHAPE, np.uint8, (2, 64, 64), VOXEL).write(inputs.vol).result()
+    upload_dir(s3.client, inputs.ckpt, "models/ckpt")
+    assert np.array_equal(open_volume(f"s3://{BUCKET}/em/vol.ome.zarr").read(), inputs.vol)
+
     job_id = f"vemscale-infer-{uuid.uuid4().hex[:8]}"
-    out, run_dir = tmp_path / "pred", tmp_path / "run"
-    done = submit(head, job_id, [f"input={inputs.input}", f"output={out}", f"checkpoint={inputs.ckpt}",
-                                 f"run_dir={run_dir}", *INFER_ARGS])
+    run_dir = tmp_path / "run"
+    urls = [f"input=s3://{BUCKET}/em/vol.ome.zarr", f"output=s3://{BUCKET}/pred", f"checkpoint=s3://{BUCKET}/models/ckpt"]
+    done = submit(head, job_id, [*urls, f"run_dir={run_dir}", *INFER_ARGS])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"Job '{job_id}' succeeded" in done.stdout
     assert job_status(head, job_id) == "succeeded"
 
     # the job ran in the cluster: on the head's node, from the uploaded working dir, with the cluster's CPUs
     logs = job_logs(head, job_id)
-    summary = json.loads(re.findall(r"^\{.*\}$", logs, re.MULTILINE)[-1])
-    assert summary["summary"]["computed"] == summary["summary"]["blocks"] == 12
+    result = json.loads(re.findall(r"^\{.*\}$", logs, re.MULTILINE)[-1])
+    assert result["outputs"] == {"probabilities": f"s3://{BUCKET}/pred/probabilities",
+                                 "labels": f"s3://{BUCKET}/pred/labels"}
+    assert result["summary"]["computed"] == result["summary"]["blocks"] == 12
     assert json.loads((run_dir / "infer_summary.json").read_text())["summary"]["computed"] == 12
 
-    probs, labels = read_prediction(str(out))
+    probs, labels = read_prediction(f"s3://{BUCKET}/pred")
     assert probs.shape == (2, *SHAPE) and probs.dtype == np.uint8 and labels.shape == SHAPE
     ref_probs, ref_labels = reference_prediction(inputs.ckpt, inputs.vol)  # the same bytes as one local pass
     assert np.array_equal(probs, ref_probs) and np.array_equal(labels, ref_labels)
-    assert open_volume(f"{out}/labels").voxel_size_xyz == VOXEL
+    assert open_volume(f"s3://{BUCKET}/pred/labels").voxel_size_xyz == VOXEL
+
+    # a rerun against the S3 ledger, here, computes nothing (the driver alone reads the ledger; no actor starts)
+    from vemscale.infer.pipeline import run_infer
+    from vemscale.infer.run import load_infer_config
+
+    again = run_infer(load_infer_config([str(ROOT / "configs" / "infer.yaml"), *urls, f"run_dir={tmp_path / 'again'}",
+                                         *INFER_ARGS]))
+    assert (again["summary"]["computed"], again["summary"]["skipped"]) == (0, 12)
+
+    # no credential anywhere: the submit's output, the job's logs, run files, the head's logs, or the bucket
+    objects = bucket_objects(s3.client)
+    assert any(k.startswith("pred/.vemscale-ledger/") for k in objects)
+    ray_logs = {str(p): p.read_bytes() for p in Path(head.temp_dir).glob("session_*/logs/**/*")  # (not the uploaded
+                if p.is_file() and not p.is_symlink()}  # working dir: this repository's tests hold the dummy secret)
+    texts = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), "job logs": logs.encode(),
+             **{f.name: f.read_bytes() for f in run_dir.iterdir()}, **ray_logs,
+             **{f"s3://{BUCKET}/{k}": v for k, v in objects.items()}}
+    assert {"infer_summary.json", "infer_config.yaml"} <= set(texts)
+    assert len(ray_logs) > 5
+    for secret in (SECRET, KEY_ID):
+        leaked = [name for name, blob in texts.items() if secret.encode() in blob]
+        assert not leaked, f"credential found in {leaked}"
 
 
 def test_job_with_a_bad_config_key_fails_with_the_config_error_in_its_logs(head, inputs, tmp_path):
