@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_infer_config(items: Sequence[str]) -> Any:
     """InferConfig from [config.yaml] key=value...; `roi=` is taken verbatim (YAML would read 10:20 as 620)."""
     from vemscale.config import load_cli_config
-    from vemscale.infer.pipeline import InferConfig
+    from vemscale.infer.config import InferConfig
 
     cfg = load_cli_config(InferConfig, items, verbatim=("roi",))
     if cfg.roi is not None and cfg.roi.strip().lower() in ("", "none", "null", "~"):
@@ -33,6 +33,7 @@ def load_infer_config(items: Sequence[str]) -> Any:
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_infer_config(args.items)  # a bad key fails here, before the pipeline imports torch and Ray
     from vemscale.infer.pipeline import run_infer
 
-    return run_infer(load_infer_config(args.items))
+    return run_infer(cfg)
