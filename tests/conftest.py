@@ -48,12 +48,14 @@ def data_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """An in-process local Ray with the machine's CPUs, shared by the tests that need Ray."""
+    """An in-process local Ray with the machine's CPUs, shared by the tests that need Ray: started as every stage
+    starts one (`ensure_ray`, with the environment it gives Ray Train)."""
     import ray
 
+    from vemscale.raycluster import ensure_ray
+
     os.environ.pop("RAY_ADDRESS", None)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, logging_level="WARNING")
+    ensure_ray(num_cpus=os.cpu_count() or 2)
     yield ray
     ray.shutdown()
 

@@ -123,6 +123,7 @@ def test_kill_and_resume(tmp_path, ray_local):
     assert max(killed_after) < 20
     time.sleep(3)
     saved = max(_checkpoint_iterations(run_dir))  # the newest complete checkpoint the rerun will find
+    assert saved < 20  # killed before the end: the rerun has iterations left to train
 
     # the reruns run in this process, on the tests' Ray: what is resumed is on disk, not in a Ray session
     result = finetune(load_config(FinetuneConfig, cfg))

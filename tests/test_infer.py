@@ -476,6 +476,11 @@ def test_mask_skips_blocks_without_tissue_and_keeps_the_rest_exact(data, ray_loc
     probs, labels = outputs(cfg.output)
     assert np.array_equal(labels, np.where(tissue, data.labels, 0))
     assert np.array_equal(probs, np.where(tissue, data.probs, 0))
+    # masked blocks store no chunk: exactly the output chunks (2,48,48; one class each) holding a non-zero voxel
+    for name, expect in (("labels", [labels]), ("probabilities", list(probs))):
+        stored = [p for p in _files(Path(cfg.output) / name) if p.name not in ("zarr.json", "info")]
+        want = sum(_nonzero_boxes(e, (2, 48, 48)) for e in expect)
+        assert len(stored) == want < len(expect) * _nonzero_boxes(np.ones(SHAPE), (2, 48, 48)), name
 
 
 def _precomputed_mask(root: Path) -> str:

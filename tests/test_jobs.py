@@ -222,8 +222,10 @@ def test_infer_job_runs_on_the_head_from_and_to_s3_without_leaking_credentials(h
     # no credential anywhere: the submit's output, the job's logs, run files, the head's logs, or the bucket
     objects = bucket_objects(s3.client)
     assert any(k.startswith("pred/.vemscale-ledger/") for k in objects)
-    ray_logs = {str(p): p.read_bytes() for p in Path(head.temp_dir).glob("session_*/logs/**/*")  # (not the uploaded
-                if p.is_file() and not p.is_symlink()}  # working dir: this repository's tests hold the dummy secret)
+    # Ray's logs (session_<date>_..., not the session_latest link; not the uploaded working dir either: this
+    # repository's tests hold the dummy secret)
+    ray_logs = {str(p): p.read_bytes() for p in Path(head.temp_dir).glob("session_2*/logs/**/*")
+                if p.is_file() and not p.is_symlink()}
     texts = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), "job logs": logs.encode(),
              **{f.name: f.read_bytes() for f in run_dir.iterdir()}, **ray_logs,
              **{f"s3://{BUCKET}/{k}": v for k, v in objects.items()}}

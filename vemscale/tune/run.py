@@ -233,13 +233,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    connected_before = ray.is_initialized()  # e.g. main() called from a notebook or a test on its own Ray
     try:
         return _run_cli(args)
     finally:
-        import ray
-
         # Ray relays the trials' log lines asynchronously; disconnect so none lands after --json's last line
-        if ray.is_initialized():
+        # (only from a Ray this command connected to: a caller's own session stays up)
+        if ray.is_initialized() and not connected_before:
             ray.shutdown()
 
 
