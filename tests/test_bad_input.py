@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import pytest
 import tifffile
 import torch
 
+from conftest import cli
 from vemscale.checkpoint import CheckpointMeta, save_checkpoint
 from vemscale.cli import main
 from vemscale.io import create_ome_zarr
@@ -202,10 +202,8 @@ CASES = [
 def test_bad_input_exits_2_names_the_fix_and_touches_nothing(world, name, argv, message):
     before = _digest(world / "done")
     full_before = _digest(world / "full")
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv(world)])
-    text = " ".join(err.getvalue().split())
+    r = cli(*argv(world))
+    rc, text = r.returncode, " ".join(r.stderr.split())
     assert rc == 2, f"{name}: exit {rc}; stderr: {text[-1500:]}"
     assert "Traceback" not in text
     assert re.search(message, text), f"{name}: {text[-800:]}"
@@ -240,25 +238,20 @@ def test_a_disk_that_fills_mid_run_fails_clearly_and_the_rerun_finishes_the_same
         create_ome_zarr(src, vol.shape, np.uint8, (8, 256, 256), (4.0, 4.0, 40.0)).write(vol).result()
         args = ["task_voxels=2097152", "--encoding", "raw", "--chunk", "8,256,256", "--no-sharded"]
 
-        def export(dest: Path, run: Path) -> tuple[int, str]:
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                rc = main(["export", str(src), f"precomputed://file://{dest}", *args, f"--run-dir={run}", "--json"])
-            return rc, " ".join(err.getvalue().split())
+        def export(dest: Path, run: Path) -> tuple[int, str, str]:
+            r = cli("export", src, f"precomputed://file://{dest}", *args, f"--run-dir={run}", "--json")
+            return r.returncode, " ".join(r.stderr.split()), r.stdout
 
-        rc, text = export(disk / "em", tmp_path / "run")
+        rc, text, _ = export(disk / "em", tmp_path / "run")
         assert rc == 2 and "Traceback" not in text, text[-1500:]
         assert re.search(r"no space left on the device of the path in this line: free space .* rerun the same "
                          r"command, the blocks already written are kept and skipped .*filling/em/", text), text[-800:]
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            rc, text = export(disk / "em", tmp_path / "run")
+        rc, text, out = export(disk / "em", tmp_path / "run")
         assert rc == 0, text[-1500:]
-        blocks = json.loads(out.getvalue().strip().splitlines()[-1])["blocks"]["scale0"]
+        blocks = json.loads(out.strip().splitlines()[-1])["blocks"]["scale0"]
         assert 0 < blocks["skipped"] < blocks["blocks"], blocks  # only the rest was written
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert export(tmp_path / "clean", tmp_path / "clean_run")[0] == 0
+        assert export(tmp_path / "clean", tmp_path / "clean_run")[0] == 0
         layer = {k: v for k, v in _digest(disk / "em").items() if not k.startswith(".vemscale-ledger")}
         assert layer == {k: v for k, v in _digest(tmp_path / "clean").items() if not k.startswith(".vemscale-ledger")}
     finally:
