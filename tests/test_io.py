@@ -30,6 +30,9 @@ def check(v, a: np.ndarray) -> None:
     assert v.shape == a.shape and v.ndim == a.ndim and v.dtype == a.dtype
     np.testing.assert_array_equal(v.read(), a)
     np.testing.assert_array_equal(v.read(BOX), a[BOX])
+    buf = np.full(a[BOX].shape, 7, a.dtype)  # a block task's reused buffer (vemscale.blocks.scratch)
+    assert v.read(BOX, out=buf) is buf
+    np.testing.assert_array_equal(buf, a[BOX])
     np.testing.assert_array_equal(v[-1], a[-1])
     np.testing.assert_array_equal(v.to_dask(chunks=(1,) * (a.ndim - 3) + (2, 5, 6)).compute(), a)
     np.testing.assert_array_equal(v.to_dask().compute(), a)
@@ -128,6 +131,20 @@ def test_zarr_v2_v3_arrays(tmp_path, vol):
     check(open_volume(f"file://{tmp_path}/c.zarr"), vol[:1])
     with pytest.raises(UserError, match="single zarr v2 array"):
         open_volume(str(tmp_path / "a.zarr"), scale=1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        v.read(BOX, out=np.zeros((3, 7, 9), np.uint8))
+
+
+def test_scratch_buffers_are_reused_per_slot_and_grow():
+    from vemscale.blocks.scratch import scratch
+
+    a = scratch("test.a", (4, 8, 8), np.uint32)
+    assert a.shape == (4, 8, 8) and a.dtype == np.uint32 and a.flags.c_contiguous
+    small = scratch("test.a", (2, 8, 8), np.uint8)
+    assert np.shares_memory(a, small)  # same slot, smaller: the same memory
+    assert not np.shares_memory(a, scratch("test.b", (4, 8, 8), np.uint32))  # another slot: its own
+    big = scratch("test.a", (8, 8, 8), np.uint64)
+    assert big.shape == (8, 8, 8) and not np.shares_memory(a, big)  # grown
 
 
 def test_ome_zarr_multiscale_hand_written(tmp_path, vol):

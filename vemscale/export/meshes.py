@@ -9,9 +9,9 @@ Layout (what Neuroglancer and cloud-volume read)::
     <layer>/mesh/<id>:0:merged   a label's fragments welded into one mesh (labels found in several blocks)
 
 Each block meshes one box of a scale (a whole number of its chunks) plus one voxel on the high sides,
-writes its fragments and leaves their names per label as its ledger payload; the driver writes the
-manifests from all payloads (so a resumed run lists the fragments of the blocks it skipped too). A label
-with fragments in several blocks is then merged into one mesh (Ray tasks, `merge_fragments`): fragments
+writes its fragments and leaves their names per label as its ledger payload; the driver gathers all payloads
+(so a resumed run lists the fragments of the blocks it skipped too) and Ray tasks (`finish_labels`) write
+each label's manifest, after merging a label with fragments in several blocks into one mesh: fragments
 share their seam vertices, so the weld closes it. One mesh per label value: per class for class labels, per
 object for instance labels.
 """
@@ -79,45 +79,51 @@ def weld(mesh: Any, digits: int = 2) -> Any:
     return zmesh.Mesh(uniq.astype(np.float32), faces[good].astype(np.uint32), None)
 
 
-def merge_label_batch(labels: list[int], names: list[list[str]], mesh_kv: str) -> list[str]:
-    """One mesh per label from its block fragments (read, concatenated, welded), written as `<id>:0:merged`."""
+def finish_label_batch(labels: list[int], names: list[list[str]], mesh_kv: str) -> int:
+    """Each label's manifest, after merging the fragments of those found in several blocks into one mesh
+    (read, concatenated, welded, written as `<id>:0:merged`); returns how many were merged."""
     import zmesh
 
     kv = ts.KvStore.open(mesh_kv).result()
-    out = []
+    writes, merged = [], 0
     for label, frags in zip(labels, names):
-        reads = [kv.read(n) for n in frags]
-        parts = [zmesh.Mesh.from_precomputed(bytes(r.result().value)) for r in reads]
-        mesh = weld(zmesh.Mesh.concatenate(*parts))
-        name = f"{label}:0:merged"
-        kv.write(name, mesh.to_precomputed()).result()
-        out.append(name)
-    return out
+        if len(frags) > 1:
+            reads = [kv.read(n) for n in frags]
+            parts = [zmesh.Mesh.from_precomputed(bytes(r.result().value)) for r in reads]
+            mesh = weld(zmesh.Mesh.concatenate(*parts))
+            writes.append(kv.write(f"{label}:0:merged", mesh.to_precomputed()))
+            frags = [f"{label}:0:merged"]
+            merged += 1
+        writes.append(kv.write(f"{label}:0", json.dumps({"fragments": sorted(frags)}).encode()))
+    for w in writes:
+        w.result()
+    return merged
 
 
-def merge_fragments(mesh_kv: str, fragments: dict[int, list[str]], max_in_flight: int | None = None,
-                    labels_per_task: int = 256) -> dict[int, str]:
-    """Merge the fragments of every label that has more than one (Ray tasks); returns label -> merged name.
+def finish_labels(mesh_kv: str, fragments: dict[int, list[str]], max_in_flight: int | None = None,
+                  max_labels_per_task: int = 1024) -> int:
+    """Write every label's manifest and merge the fragments of labels found in several blocks (Ray tasks of
+    equal shares, at least two per CPU: file creation is most of the work); returns the number merged.
     Neuroglancer then draws an object crossing many blocks as one closed mesh."""
     import ray
 
-    multi = sorted(label for label, names in fragments.items() if len(names) > 1)
-    if not multi:
-        return {}
+    if not fragments:
+        return 0
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     limit = max_in_flight or 2 * cpus
-    remote = ray.remote(num_cpus=1, max_retries=3)(merge_label_batch)
-    done: dict[int, str] = {}
-    in_flight: dict[Any, list[int]] = {}
-    for lo in range(0, len(multi), labels_per_task):
+    labels = sorted(fragments)
+    tasks = max(2 * cpus, -(-len(labels) // max_labels_per_task))
+    remote = ray.remote(num_cpus=1, max_retries=3)(finish_label_batch)
+    merged, in_flight = 0, []
+    for k in range(tasks):  # label k goes to task k % tasks: merged labels spread evenly
+        batch = labels[k::tasks]
+        if not batch:
+            continue
         if len(in_flight) >= limit:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            done.update(zip(in_flight.pop(ready[0]), ray.get(ready[0])))
-        batch = multi[lo: lo + labels_per_task]
-        in_flight[remote.remote(batch, [sorted(fragments[b]) for b in batch], mesh_kv)] = batch
-    for ref, batch in in_flight.items():
-        done.update(zip(batch, ray.get(ref)))
-    return done
+            ready, in_flight = ray.wait(in_flight, num_returns=1)
+            merged += ray.get(ready[0])
+        in_flight.append(remote.remote(batch, [fragments[b] for b in batch], mesh_kv))
+    return merged + sum(ray.get(in_flight))
 
 
 def auto_mesh_scale(info: dict[str, Any]) -> int:
@@ -179,18 +185,14 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
             fragments.setdefault(int(label), []).append(name)
     n = grid.num_blocks
     t_merge = time.perf_counter()
-    merged = merge_fragments(mesh_kv, fragments, max_in_flight)
-    futures = [kv.write(f"{label}:0", json.dumps({"fragments": [merged[label]] if label in merged else sorted(names)}).encode())
-               for label, names in fragments.items()]
-    futures.append(kv.write("info", json.dumps({"@type": "neuroglancer_legacy_mesh"}).encode()))
-    for f in futures:
-        f.result()
+    merged = finish_labels(mesh_kv, fragments, max_in_flight)
+    kv.write("info", json.dumps({"@type": "neuroglancer_legacy_mesh"}).encode()).result()
     update_info(url, mesh=MESH_DIR)
     seconds = time.perf_counter() - t0
     log.info("meshes: %d labels, %d fragments from %d blocks in %.1f s", len(fragments),
              sum(map(len, fragments.values())), n, seconds)
     return {"labels": len(fragments), "fragments": int(sum(map(len, fragments.values()))), "blocks": n,
-            "merged_labels": len(merged), "merge_seconds": round(time.perf_counter() - t_merge, 3),
+            "merged_labels": merged, "merge_seconds": round(time.perf_counter() - t_merge, 3),
             "computed": summary["computed"], "skipped": summary["skipped"], "scale": scale_index,
             "seconds": round(seconds, 3)}
 

@@ -74,11 +74,13 @@ def copy_block(box: Box, volume: Any, dst_spec: dict[str, Any], count: bool, run
                levels: list[dict[str, Any]] | None = None, method: str = "mean") -> bytes | None:
     """Copy one write-chunk-aligned box of scale 0 (and write the pyramid `levels` fused into it from memory);
     returns its label counts (segmentation) as a payload."""
+    from vemscale.blocks.scratch import scratch
     from vemscale.export.pyramid import downsample_in_memory
     from vemscale.post.stats import encode_counts, label_counts
 
     dst = open_spec(dst_spec, write=True, run=run)
-    data = volume.read(((slice(None),) if volume.ndim == 4 else ()) + tuple(box))
+    full = ((slice(0, volume.shape[0]),) if volume.ndim == 4 else ()) + tuple(box)
+    data = volume.read(full, out=scratch("export.block", [s.stop - s.start for s in full], volume.dtype))
     if data.ndim == 4 and dst.rank == 3:  # one channel: the layer view has no channel axis
         data = data[0]
     dtype = dst.dtype.numpy_dtype

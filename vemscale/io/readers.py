@@ -65,6 +65,11 @@ class Reader:
     def read(self, box: Box) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def read_into(self, box: Box, out: np.ndarray) -> np.ndarray:
+        """`read(box)` into the caller's array `out` (of the box's shape and this dtype); returns `out`."""
+        np.copyto(out, self.read(box), casting="no")
+        return out
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for name in self._handles:

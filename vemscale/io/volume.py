@@ -124,9 +124,16 @@ class Volume:
     def kind(self) -> str:
         return getattr(self._reader, "kind", type(self._reader).__name__.replace("Reader", "").lower())
 
-    def read(self, box: BoxLike = None) -> np.ndarray:
-        """The voxels inside `box` (slices/ints per leading axis; missing axes are whole) as a numpy array."""
+    def read(self, box: BoxLike = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The voxels inside `box` (slices/ints per leading axis; missing axes are whole) as a numpy array, or
+        written into `out` (a C-contiguous array of the box's shape and the volume's dtype: a reused buffer)."""
         slices, squeeze = normalize_box(box, self.shape)
+        if out is not None:
+            shape = tuple(s.stop - s.start for s in slices)
+            if out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous or squeeze:
+                raise ValueError(f"read into an array of shape {out.shape} {out.dtype}: the box {slices} needs a "
+                                 f"C-contiguous {shape} {self.dtype} (and slices only)")
+            return self._reader.read_into(slices, out)
         out = self._reader.read(slices)
         return out.reshape([s for i, s in enumerate(out.shape) if i not in squeeze]) if squeeze else out
 

@@ -4,6 +4,10 @@ Blocks of a volume are meshed independently: a block is read with one extra voxe
 the marching cubes of neighbouring blocks tile space without gaps or overlap, and it is padded with
 background where it touches the volume's edge, so objects there are closed. Vertices are in nm in the
 layer's coordinates (voxel i spans [i, i+1) * voxel size, as Neuroglancer draws it).
+
+Simplification is meshoptimizer's (`meshopt_simplify`: quadric edge collapses to a triangle target within an
+absolute error in nm) with the open borders locked, so the seam vertices neighbouring fragments share stay
+where they are and the weld closes the object; it costs about a sixth of zmesh's own simplifier here.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["block_meshes", "mesh_block"]
+__all__ = ["block_meshes", "mesh_block", "simplify"]
 
 
 def block_meshes(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
@@ -41,15 +45,36 @@ def block_meshes(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset
             if label == 0 or (wanted is not None and int(label) not in wanted):
                 mesher.erase(label)
                 continue
-            mesh = mesher.get(label, normals=False, reduction_factor=int(reduction_factor),
-                              max_error=max_error_nm if reduction_factor > 1 else None, voxel_centered=True)
+            mesh = mesher.get(label, normals=False, reduction_factor=0, voxel_centered=True)
             mesher.erase(label)
+            if reduction_factor > 1:
+                mesh = simplify(mesh, int(reduction_factor), max_error_nm)
             if len(mesh.faces) == 0:
                 continue
             mesh.vertices = (mesh.vertices.astype(np.float64) + shift).astype(np.float32)
             yield int(label), mesh
     finally:
         mesher.clear()
+
+
+def simplify(mesh: Any, reduction_factor: int, max_error_nm: float | None) -> Any:
+    """`mesh` with about 1/`reduction_factor` of its triangles, no vertex moved further than `max_error_nm` from
+    the surface (None: only the triangle target bounds it), open-border vertices kept; unused vertices dropped."""
+    import meshoptimizer
+    import zmesh
+
+    index = np.ascontiguousarray(mesh.faces, dtype=np.uint32).reshape(-1)
+    if index.size == 0:
+        return mesh
+    vertices = np.ascontiguousarray(mesh.vertices, dtype=np.float32)
+    dest = np.empty_like(index)
+    options = meshoptimizer.SIMPLIFY_LOCK_BORDER | meshoptimizer.SIMPLIFY_ERROR_ABSOLUTE
+    target = max(3, (index.size // 3) // reduction_factor * 3)
+    n = meshoptimizer.simplify(dest, index, vertices, target_index_count=target,
+                               target_error=float(max_error_nm) if max_error_nm is not None else float("inf"),
+                               options=options)
+    used, faces = np.unique(dest[:n], return_inverse=True)
+    return zmesh.Mesh(vertices[used], faces.reshape(-1, 3).astype(np.uint32), None)
 
 
 def mesh_block(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
