@@ -170,7 +170,8 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
     ensure_ray()
     t0 = time.perf_counter()
     spec = view_spec(seg)
-    desc = {"step": "meshes", "version": 1, "parent": source_generation or "external", "scale": scale_index,
+    # version 2: meshoptimizer's simplification (1: zmesh's); a run of the other version starts over
+    desc = {"step": "meshes", "version": 2, "parent": source_generation or "external", "scale": scale_index,
             "source": spec, "reduction_factor": reduction_factor, "max_error_nm": max_error_nm}
     kwargs = {"seg_spec": spec, "mesh_kv": mesh_kv, "voxel_size_xyz": voxel, "reduction_factor": reduction_factor,
               "max_error_nm": max_error_nm, "run": uuid.uuid4().hex}

@@ -6,7 +6,7 @@ background where it touches the volume's edge, so objects there are closed. Vert
 layer's coordinates (voxel i spans [i, i+1) * voxel size, as Neuroglancer draws it).
 
 Simplification is meshoptimizer's (`meshopt_simplify`: quadric edge collapses to a triangle target within an
-absolute error in nm) with the open borders locked, so the seam vertices neighbouring fragments share stay
+absolute error estimate in nm) with the open borders locked, so the seam vertices neighbouring fragments share stay
 where they are and the weld closes the object; it costs about a sixth of zmesh's own simplifier here.
 """
 
@@ -58,8 +58,10 @@ def block_meshes(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset
 
 
 def simplify(mesh: Any, reduction_factor: int, max_error_nm: float | None) -> Any:
-    """`mesh` with about 1/`reduction_factor` of its triangles, no vertex moved further than `max_error_nm` from
-    the surface (None: only the triangle target bounds it), open-border vertices kept; unused vertices dropped."""
+    """`mesh` with about 1/`reduction_factor` of its triangles while meshoptimizer's error estimate stays within
+    `max_error_nm` (a quadric estimate, not a hard bound: the surface may move up to about twice it; None: only
+    the triangle target limits it). Open-border vertices are kept; vertices are a subset of the input's. A mesh
+    the simplifier would remove entirely (a one-voxel object) is returned as it is."""
     import meshoptimizer
     import zmesh
 
@@ -73,6 +75,8 @@ def simplify(mesh: Any, reduction_factor: int, max_error_nm: float | None) -> An
     n = meshoptimizer.simplify(dest, index, vertices, target_index_count=target,
                                target_error=float(max_error_nm) if max_error_nm is not None else float("inf"),
                                options=options)
+    if n == 0:
+        return mesh
     used, faces = np.unique(dest[:n], return_inverse=True)
     return zmesh.Mesh(vertices[used], faces.reshape(-1, 3).astype(np.uint32), None)
 
