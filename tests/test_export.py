@@ -141,51 +141,58 @@ def test_image_and_segmentation_pyramids_match_numpy(ray_local, crops, tmp_path:
     assert read_info(str(tmp_path / "seg"))["segment_properties"] == "segment_properties"
 
 
-def _load_fragments(mesh_dir: Path, label: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """All fragments of a label merged (legacy format parsed here, not by the engine): vertices, faces, count."""
-    names = json.loads((mesh_dir / f"{label}:0").read_text())["fragments"]
-    verts, faces, offset = [], [], 0
-    for name in names:
-        raw = (mesh_dir / name).read_bytes()
-        n = struct.unpack("<I", raw[:4])[0]
-        v = np.frombuffer(raw, "<f4", 3 * n, 4).reshape(n, 3)
-        f = np.frombuffer(raw, "<u4", offset=4 + 12 * n).reshape(-1, 3)
-        verts.append(v)
-        faces.append(f + offset)
-        offset += n
-    return np.concatenate(verts), np.concatenate(faces), len(names)
+def _cloudvolume_mesh(layer: Path, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """One label's mesh as cloud-volume decodes it (an independent reader of sharded multi-resolution meshes)."""
+    from cloudvolume import CloudVolume
+
+    mesh = CloudVolume(f"file://{layer}", progress=False).mesh.get(label)
+    mesh = mesh[label] if isinstance(mesh, dict) else mesh
+    return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces).reshape(-1, 3)
 
 
 def test_meshes_close_across_blocks_and_cloudvolume_reads_everything(ray_local, crops, tmp_path: Path) -> None:
     from cloudvolume import CloudVolume
+
+    from vemscale.export.meshes import mesh_ids
 
     objects, em = crops["objects"], crops["em"]
     seg = _export(source=crops["objects_url"], dest=str(tmp_path / "obj"), layer_type="segmentation", pyramid=True,
                   max_scales=2, mesh=True, mesh_scale=0, mesh_reduction=0, sharded=True)
     _export(source=crops["em_url"], dest=str(tmp_path / "em"), pyramid=True, max_scales=2, encoding="jpeg")
     ids, counts = np.unique(objects[objects > 0], return_counts=True)
-    assert seg["meshes"]["labels"] == len(ids)
+    assert seg["meshes"]["labels"] == len(ids) and seg["meshes"]["fragments"] > len(ids)  # some span several blocks
     mesh_dir = tmp_path / "obj" / "mesh"
-    assert json.loads((mesh_dir / "info").read_text())["@type"] == "neuroglancer_legacy_mesh"
+    info = json.loads((mesh_dir / "info").read_text())
+    assert info["@type"] == "neuroglancer_multilod_draco" and info["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
     assert read_info(str(tmp_path / "obj"))["mesh"] == "mesh"
+    # a few files, not one or two per object and block: the shard(s) and the info, the per-block scratch gone
+    assert sorted(p.name for p in mesh_dir.iterdir()) == ["0.shard", "info"]
+    # tensorstore's sharded key-value store finds one manifest per label, and nothing else
+    shard_kv = ts.KvStore.open({"driver": "neuroglancer_uint64_sharded", "metadata": info["sharding"],
+                                "base": f"file://{mesh_dir}/"}).result()
+    assert all(shard_kv.read(struct.pack(">Q", int(i))).result().state == "value" for i in ids)
+    assert shard_kv.read(struct.pack(">Q", int(ids.max()) + 1)).result().state == "missing"
+    assert mesh_ids(str(tmp_path / "obj")) == [int(i) for i in ids]
 
     big = int(ids[np.argmax(counts)])
-    verts, faces, nfrag = _load_fragments(mesh_dir, big)
-    assert nfrag == 1, "an object meshed in several blocks is listed as one merged mesh"
-    blocks = [p for p in mesh_dir.iterdir() if p.name.startswith(f"{big}:0:") and not p.name.endswith("merged")]
-    assert len(blocks) > 1, "the largest object should span several mesh blocks"
+    verts, faces = _cloudvolume_mesh(tmp_path / "obj", big)
     # one surface: after welding equal vertices every edge has exactly two triangles (no seams at block faces)
-    _, weld = np.unique(np.round(verts, 3), axis=0, return_inverse=True)
+    _, weld = np.unique(np.round(verts, 1), axis=0, return_inverse=True)
     tri = weld.ravel()[faces]
+    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 0] != tri[:, 2])]
     edges = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), axis=1)
     _, uses = np.unique(edges, axis=0, return_counts=True)
     assert (uses == 2).all(), f"{(uses != 2).sum()} open edges"
-    # the surface bounds the object's voxels: voxel i spans [i, i+1) * voxel size
+    # the surface bounds the object's voxels: voxel i spans [i, i+1) * voxel size; 16-bit positions over its box
     zz, yy, xx = np.nonzero(objects == big)
     lo = np.array([xx.min(), yy.min(), zz.min()]) * VOXEL
     hi = (np.array([xx.max(), yy.max(), zz.max()]) + 1) * VOXEL
     assert (np.abs(verts.min(0) - lo) <= 0.51 * np.array(VOXEL)).all(), (verts.min(0), lo)
     assert (np.abs(verts.max(0) - hi) <= 0.51 * np.array(VOXEL)).all(), (verts.max(0), hi)
+    # every vertex sits on the voxel lattice's marching-cubes positions (multiples of half a voxel), to 16 bits
+    step = (hi - lo + np.array(VOXEL)) / 65535
+    half = np.asarray(VOXEL) / 2
+    assert (np.abs(verts / half - np.rint(verts / half)) * half <= step + 1e-3).all()
 
     # an independent client: cloud-volume reads the sharded segmentation (both scales), the jpeg image and a mesh
     # (fill_missing: tensorstore stores no all-background chunk; missing means 0 in precomputed)
@@ -193,11 +200,6 @@ def test_meshes_close_across_blocks_and_cloudvolume_reads_everything(ray_local, 
     np.testing.assert_array_equal(np.asarray(cv[:, :, :])[..., 0].T, objects)
     cv1 = CloudVolume(f"file://{tmp_path / 'obj'}", mip=1, progress=False, fill_missing=True)
     np.testing.assert_array_equal(np.asarray(cv1[:, :, :])[..., 0].T, open_scale(str(tmp_path / "obj"), 1).read().result())
-    mesh = cv.mesh.get(big)
-    mesh = mesh[big] if isinstance(mesh, dict) else mesh
-    assert len(mesh.faces) > 0
-    np.testing.assert_allclose(mesh.vertices.min(0), verts.min(0), atol=1e-3)
-    np.testing.assert_allclose(mesh.vertices.max(0), verts.max(0), atol=1e-3)
     cvi = CloudVolume(f"file://{tmp_path / 'em'}", mip=0, progress=False)
     got = np.asarray(cvi[:, :, :])[..., 0].T.astype(np.float64)
     assert got.shape == em.shape and np.abs(got - em).mean() < 6  # jpeg, quality 90
@@ -406,3 +408,28 @@ def test_shard_shape_key_sets_scale_zero_shards_and_a_wrong_one_fails_before_wri
         with pytest.raises(UserError, match=msg):
             _export(source=crops["em_url"], dest=str(tmp_path / "bad"), **kw)
         assert not (tmp_path / "bad").exists()
+
+
+def test_shard_files_read_back_through_tensorstore_for_many_shards_and_minishards(tmp_path: Path) -> None:
+    """Shards assembled by `encode_shard` (values with a prefix before them, as mesh fragments sit before their
+    manifest) read by tensorstore's own `neuroglancer_uint64_sharded` store, key by key, and listed back."""
+    from vemscale.export.shardfile import encode_shard, mesh_sharding, shard_entries, shard_name, shard_of
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(np.concatenate([rng.integers(1, 2**40, 3000), np.arange(1, 200), [2**63 + 5]])).astype(np.uint64)
+    spec = mesh_sharding(len(keys), keys_per_shard=512, keys_per_minishard=16)
+    assert spec["shard_bits"] == 3 and spec["minishard_bits"] == 5  # 3,200 keys: 8 shards of 32 minishards
+    values = {int(k): rng.bytes(int(rng.integers(0, 40))) + int(k).to_bytes(8, "little") for k in keys}
+    kv = ts.KvStore.open(f"file://{tmp_path}/").result()
+    shards = shard_of(keys, spec)
+    for s in np.unique(shards):
+        entries = [(int(k), rng.bytes(int(rng.integers(0, 30))), values[int(k)]) for k in keys[shards == s]]
+        kv.write(shard_name(int(s), spec), encode_shard(entries, spec)).result()
+        data = (tmp_path / shard_name(int(s), spec)).read_bytes()
+        listed = shard_entries(lambda a, b: data[a:b], spec)
+        assert sorted(listed) == sorted(int(k) for k in keys[shards == s])
+        assert all(data[a:b] == values[k] for k, (a, b) in listed.items())
+    reader = ts.KvStore.open({"driver": "neuroglancer_uint64_sharded", "metadata": spec, "base": f"file://{tmp_path}/"}).result()
+    for k in keys:
+        assert reader.read(struct.pack(">Q", int(k))).result().value == values[int(k)]
+    assert reader.read(struct.pack(">Q", int(keys.max()) - 1)).result().state == "missing"

@@ -116,3 +116,23 @@ def test_view_screenshot_shows_em_and_segments(layers: dict[str, Path], tmp_path
     pure = ((rgb < 40) | (rgb > 215)).all(axis=2)
     coloured = (spread > 40) & ~pure
     assert coloured.sum() > 2000, f"only {coloured.sum()} coloured pixels: segments not drawn"
+
+
+def test_view_3d_draws_the_sharded_meshes(layers: dict[str, Path], tmp_path: Path) -> None:
+    """The 3D panel alone: the mitochondria's sharded multi-resolution meshes, decoded and drawn by Neuroglancer
+    (without them the panel holds the yellow bounding box and its blended edges only: 56 such pixels, measured
+    with the mesh key taken out of the layer's info)."""
+    _chromium_or_skip()
+    from PIL import Image
+
+    shot = tmp_path / "shot3d.png"
+    proc = subprocess.run([sys.executable, "-m", "vemscale.cli", "view", str(layers["mito"]), "--layout", "3d",
+                           "--screenshot", str(shot), "--size", "800x600", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["browser_errors"] == [], result["browser_errors"]
+    rgb = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)[60:]  # below the layer bar
+    yellowish = (np.abs(rgb[..., 0] - rgb[..., 1]) < 40) & (rgb[..., 2] < 80)  # the box's lines on black
+    shaded = ((rgb.max(axis=2) - rgb.min(axis=2)) > 40) & ~((rgb < 40) | (rgb > 215)).all(axis=2) & ~yellowish
+    assert shaded.sum() > 1000, f"only {shaded.sum()} shaded pixels: no mesh drawn"

@@ -161,7 +161,7 @@ def describe_layer(arg: str) -> Layer:
         if not segments and info.get("mesh"):
             from vemscale.export.meshes import mesh_ids
 
-            segments = mesh_ids(url)
+            segments = mesh_ids(url, limit=MAX_SHOWN_SEGMENTS)
     else:
         auto = _guess_kind(name, vol.dtype, channels, vol.ndim)
         classes = _omero_labels(kv) if channels > 1 else None
