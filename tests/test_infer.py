@@ -381,7 +381,6 @@ def test_overrides_and_job_entry_point(data, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-@pytest.mark.slow  # ~50 s; resume after a kill stays in the default suite (the sigkill test); keeps it under 15 min
 def test_ten_thousand_blocks_resume_after_a_kill_recomputing_only_what_was_in_flight(tmp_path, ray_local):
     """1e4 one-tile blocks of a cheap model (pixel_linear) through the ledger: SIGKILL the whole run midway, rerun:
     exactly the blocks the ledger did not hold are computed, and the bytes equal the whole-volume reference."""
