@@ -361,6 +361,13 @@ def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, 
     assert _layer_files(dest) == _layer_files(tmp_path / "clean")
     again = _export(source=crops["objects_url"], dest=str(dest), chunk=(2, 16, 16), **args)  # nothing to redo
     assert all(step["computed"] == 0 for step in again["blocks"].values())
+    assert again["meshes"]["shards_written"] == 0
+    # a mesh shard lost after the run (its blocks' piece files are gone by then): the meshes are made again
+    (dest / "mesh" / "0.shard").unlink()
+    healed = _export(source=crops["objects_url"], dest=str(dest), chunk=(2, 16, 16), **args)
+    assert healed["meshes"]["computed"] == healed["meshes"]["blocks"] and healed["meshes"]["shards_written"] == 1
+    assert healed["blocks"]["scale0"]["computed"] == 0
+    assert _layer_files(dest) == _layer_files(tmp_path / "clean")
 
 
 def test_auto_mesh_scale_is_the_coarsest_xy_only_scale_finer_than_half_z() -> None:

@@ -114,13 +114,42 @@ def write_mesh_shard(shard: int, rows: np.ndarray, blocks: list[str], mesh_kv: s
     return welded
 
 
+def _pieces(ledger: Ledger, grid: BlockGrid) -> tuple[np.ndarray, list[str]]:
+    """Every done block's pieces as rows (label, block, offset, size) and the blocks' file names (32 bytes per
+    piece in the driver: 1e7 pieces, 320 MB)."""
+    found, blocks = [], []
+    for index, payload in ledger.payloads(grid.num_blocks):
+        if payload:
+            part = np.frombuffer(payload, "<u8").reshape(-1, 3)
+            found.append(np.column_stack([part[:, 0], np.full(len(part), len(blocks), np.uint64), part[:, 1:]]))
+            blocks.append(block_key(grid.box(index)))
+    return (np.concatenate(found) if found else np.zeros((0, 4), np.uint64)), blocks
+
+
+def _written_shards(kv: ts.KvStore) -> set[str]:
+    return {bytes(k).decode() for k in kv.list(ts.KvStore.KeyRange(exclusive_max="g")).result()}
+
+
+def _lost_pieces(kv: ts.KvStore, rows: np.ndarray, blocks: list[str], sharding: dict[str, Any]) -> int:
+    """How many block files that shards still to be written need are missing (0 after a kill: they are deleted
+    only once every shard is written)."""
+    if not len(rows):
+        return 0
+    names = np.array([shard_name(int(n), sharding) for n in shard_of(rows[:, 0], sharding)])
+    needed = np.unique(rows[~np.isin(names, list(_written_shards(kv))), 1])
+    if not len(needed):
+        return 0
+    have = {bytes(k).decode() for k in kv.list(ts.KvStore.KeyRange(inclusive_min=SCRATCH,
+                                                                    exclusive_max=SCRATCH[:-1] + ".")).result()}
+    return sum(blocks[int(b)] not in have for b in needed)
+
+
 def write_shards(mesh_kv: str, rows: np.ndarray, blocks: list[str], sharding: dict[str, Any], lod_scale: float,
                  max_in_flight: int | None = None) -> dict[str, int]:
     """One Ray task per shard not written yet (a rerun after a kill writes only the missing ones)."""
     import ray
 
-    kv = ts.KvStore.open(mesh_kv).result()
-    done = {bytes(k).decode() for k in kv.list(ts.KvStore.KeyRange(exclusive_max="g")).result()}
+    done = _written_shards(ts.KvStore.open(mesh_kv).result())
     shards = shard_of(rows[:, 0], sharding)
     order = np.lexsort((rows[:, 1], rows[:, 0], shards))
     rows, shards = rows[order], shards[order]
@@ -196,15 +225,19 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
     ledger = Ledger.open(ledger_url(url, "meshes"), {**desc, "grid": grid.to_dict()})
     if ledger.fresh:  # a new mesh run must not keep meshes of labels now gone; a resumed one keeps its own
         kv.delete_range(ts.KvStore.KeyRange()).result()
-    ledger, summary = run_step(url, "meshes", desc, grid, mesh_block_task, kwargs, bytes_per_voxel=64.0,
-                               max_in_flight=max_in_flight, blocks_per_batch=blocks_per_batch)
-    found, blocks = [], []
-    for index, payload in ledger.payloads(grid.num_blocks):
-        if payload:
-            part = np.frombuffer(payload, "<u8").reshape(-1, 3)
-            found.append(np.column_stack([part[:, 0], np.full(len(part), len(blocks), np.uint64), part[:, 1:]]))
-            blocks.append(block_key(grid.box(index)))
-    rows = np.concatenate(found) if found else np.zeros((0, 4), np.uint64)
+    for attempt in range(2):
+        ledger, summary = run_step(url, "meshes", desc, grid, mesh_block_task, kwargs, bytes_per_voxel=64.0,
+                                   max_in_flight=max_in_flight, blocks_per_batch=blocks_per_batch)
+        rows, blocks = _pieces(ledger, grid)
+        lost = _lost_pieces(kv, rows, blocks, mesh_sharding(len(np.unique(rows[:, 0]))))
+        if not lost:
+            break
+        if attempt:
+            raise RuntimeError(f"{lost} mesh piece files of {mesh_kv} vanished while meshing; rerun the export")
+        # a shard is missing and so are the block files it is made from (removed by hand, or a partial copy)
+        log.warning("meshes: %d block files of unwritten shards are gone; meshing every block again", lost)
+        Ledger.invalidate(ledger_url(url, "meshes"))
+        kv.delete_range(ts.KvStore.KeyRange()).result()
     labels = int(len(np.unique(rows[:, 0])))
     sharding = mesh_sharding(labels)
     t_merge = time.perf_counter()
