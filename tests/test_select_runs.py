@@ -121,3 +121,18 @@ def test_bad_runs_and_destinations_fail_clearly_and_touch_nothing(tmp_path, caps
         assert main(["select", *map(str, args)]) == 2, args
         assert message in capsys.readouterr().err, args
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (used / "keep.txt").read_text() == "x"
+
+
+def test_selection_bench_draws_k_seeds_of_every_setting():
+    """`crossdomain_select` draws: every k-subset of one pool, or k of each labelled setting (their product)."""
+    import itertools
+
+    from vemscale.bench.crossdomain_select import draws
+
+    pool = [{"seed": i, "setting": "1k" if i < 4 else "2k"} for i in range(7)]
+    mixed = draws(pool, 2)
+    assert len(mixed) == 6 * 3  # C(4,2) x C(3,2)
+    assert all(sorted(c["setting"] for c in d) == ["1k", "1k", "2k", "2k"] for d in mixed)
+    assert len({tuple(c["seed"] for c in d) for d in mixed}) == len(mixed)
+    one = [{**c, "setting": ""} for c in pool]
+    assert [[c["seed"] for c in d] for d in draws(one, 3)] == [list(t) for t in itertools.combinations(range(7), 3)]

@@ -9,6 +9,10 @@ and the other pair's source-only val IoU as the target-trained reference, as `cr
 
     python -m vemscale.bench.crossdomain_select --sweeps runs/crossdomain_mito_ens runs/crossdomain_mito_ens345 --k 3
 
+Sweeps may carry a setting label (`LABEL=DIR`, e.g. two pre-training lengths): then a draw trains k seeds of every
+setting and the rule picks among all of them (every k-subset of each setting, their product), which asks whether the
+rule can also choose the setting without target labels.
+
 (the sweep commands and the figures: BENCHMARKS.md, "Seed selection by the morphology rule"). Reports, never asserts.
 """
 
@@ -28,14 +32,26 @@ from vemscale.train.select_runs import candidate, choose
 OTHER = {"vnc_to_cdeep3m": "cdeep3m_to_vnc", "cdeep3m_to_vnc": "vnc_to_cdeep3m"}
 
 
+def draws(cands: list[dict[str, Any]], k: int) -> list[list[dict[str, Any]]]:
+    """Every draw of k seeds from each setting (one setting: every k-subset)."""
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for c in cands:
+        by_setting.setdefault(c.get("setting", ""), []).append(c)
+    per = [list(itertools.combinations(group, k)) for _, group in sorted(by_setting.items())]
+    return [[c for sub in combo for c in sub] for combo in itertools.product(*per)]
+
+
 def subsets(cands: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """Over every k-subset: the mean target IoU of the rule's pick, of a single seed and of the oracle's pick, and
-    how often the pick is the subset's oracle."""
+    """Over every draw (k seeds, or k of each setting): the mean target IoU of the rule's pick, of a single seed and
+    of the oracle's pick, and how often the pick is the draw's oracle."""
     picks, oracles = [], []
-    for sub in itertools.combinations(cands, k):
-        picks.append(choose(list(sub))["target_iou"])
+    for sub in draws(cands, k):
+        picks.append(choose(sub)["target_iou"])
         oracles.append(max(c["target_iou"] for c in sub))
+    by_setting = {g: st.mean(c["target_iou"] for c in cands if c.get("setting", "") == g)
+                  for g in sorted({c.get("setting", "") for c in cands})}
     return {"n_seeds": len(cands), "k": k, "subsets": len(picks), "single": st.mean(c["target_iou"] for c in cands),
+            "single_by_setting": by_setting,
             "single_std": st.stdev(c["target_iou"] for c in cands) if len(cands) > 1 else 0.0,
             "pick": st.mean(picks), "pick_min": min(picks), "pick_max": max(picks), "oracle": st.mean(oracles),
             "pick_is_oracle": sum(p == o for p, o in zip(picks, oracles)) / len(picks),
@@ -51,20 +67,22 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweeps", nargs="+", type=Path, required=True, help="sweep run_dirs (their arms' seeds pooled)")
+    p.add_argument("--sweeps", nargs="+", required=True,
+                   help="sweep run_dirs (their arms' seeds pooled), each optionally LABEL=DIR to draw k per setting")
     p.add_argument("--k", type=int, default=3, help="seeds trained per draw")
     p.add_argument("--out", type=Path, help="write results.json and results.md here")
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be at least 1")
-    trials = [t for s in args.sweeps for t in read_trials(s)]
+    labelled = [entry.split("=", 1) if "=" in entry else ("", entry) for entry in args.sweeps]
+    trials = [{**t, "setting": label} for label, d in labelled for t in read_trials(Path(d))]
     by_arm: dict[str, list[dict]] = {}
     for t in sorted(trials, key=lambda t: (t["arm"], t["sweep"], t["seed"])):
         by_arm.setdefault(t["arm"], []).append(t)
     arms: dict[str, list[dict]] = {}  # the arms whose every trial kept a selection record with target IoUs
     for arm, ts in by_arm.items():
         if all(sel.read_record(t["checkpoint"].parent).get("chosen_target_iou") is not None for t in ts):
-            arms[arm] = [{**candidate(t["checkpoint"].parent), "seed": t["seed"]} for t in ts]
+            arms[arm] = [{**candidate(t["checkpoint"].parent), "seed": t["seed"], "setting": t["setting"]} for t in ts]
         else:
             print(f"{arm}: skipped (a trial without select=morphology and target labels)")
     results: dict[str, Any] = {}
@@ -72,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"(mean over subsets, min–max) | recovered | oracle of {args.k} | pick = oracle | Spearman(distance, IoU) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm, cands in arms.items():
-        if len(cands) < args.k:
+        settings = {c["setting"] for c in cands}
+        if any(sum(c["setting"] == g for c in cands) < args.k for g in settings):
             continue
         r = results[arm] = subsets(cands, args.k)
         pair = arm.split(".")[0]
