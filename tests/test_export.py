@@ -217,29 +217,47 @@ def _surface_samples(mesh, per_nm2: float = 0.05) -> np.ndarray:
     return np.concatenate([fixed, np.einsum("nk,nkd->nd", w, tri[which])])
 
 
+def weld(mesh, digits: int = 2):
+    """Join vertices that coincide (to 10^-digits nm) and drop faces that collapse."""
+    import zmesh
+
+    uniq, inverse = np.unique(np.round(mesh.vertices.astype(np.float64), digits), axis=0, return_inverse=True)
+    faces = inverse.reshape(-1)[mesh.faces]
+    good = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    return zmesh.Mesh(uniq.astype(np.float32), faces[good].astype(np.uint32), None)
+
+
 def _simplified_vs_dense(objects: np.ndarray, reduction: int, max_error: float | None) -> tuple[dict, int, int, float]:
     """Mesh `objects` in 2x2x2 blocks (as the export's tasks) and weld per label; compare with one dense zmesh of
-    the whole array: (welded meshes, their faces, the dense faces, the largest distance of a dense vertex from
-    the simplified surface)."""
+    the whole array: (welded meshes, their faces and the dense faces, both without the low-face caps, which stay
+    unsimplified and equal in both, the largest distance of a dense vertex from the simplified surface)."""
     import zmesh
     from scipy.spatial import cKDTree
 
-    from vemscale.export.meshes import weld
-    from vemscale.post.mesh import block_meshes
+    from vemscale.post.mesh import block_pieces
 
     shape = objects.shape
     dense = zmesh.Mesher(tuple(VOXEL))  # the reference: one unsimplified mesh of the whole array, closed at its edges
     dense.mesh(np.asfortranarray(np.pad(objects, 1).T), close=False)
     parts: dict[int, list] = {}
+    caps = 0  # triangles of the caps at the volume's low faces, kept unsimplified
     cuts = [(0, n // 2, n) for n in shape]
     for idx in np.ndindex(2, 2, 2):
         box = [(c[i], c[i + 1]) for c, i in zip(cuts, idx)]
         read = tuple(slice(lo, min(hi + 1, n)) for (lo, hi), n in zip(box, shape))
-        for label, mesh in block_meshes(objects[read].T, VOXEL, [s.start for s in read][::-1],
-                                        pad_low=[s.start == 0 for s in read][::-1],
-                                        pad_high=[s.stop == n for s, n in zip(read, shape)][::-1],
-                                        reduction_factor=reduction, max_error_nm=max_error):
+        for label, node, mesh in block_pieces(objects[read].T, VOXEL, [s.start for s in read][::-1],
+                                              pad_low=[s.start == 0 for s in read][::-1],
+                                              pad_high=[s.stop == n for s, n in zip(read, shape)][::-1],
+                                              reduction_factor=reduction, max_error_nm=max_error):
+            # each piece fits its octree node: the block's own cells within [0.5, size + 0.5] voxels of the block's
+            # first voxel, a padded low edge's caps within [0, 0.5] (what the 16-bit quantisation relies on)
+            local = mesh.vertices / np.asarray(VOXEL) - [lo for lo, _ in box][::-1]
+            size = np.asarray([hi - lo for lo, hi in box][::-1])
+            lo_ok = np.where(np.asarray(node) < 0, -1e-3, 0.5 - 1e-3)
+            hi_ok = np.where(np.asarray(node) < 0, 0.5 + 1e-3, size + 0.5 + 1e-3)
+            assert (local >= lo_ok).all() and (local <= hi_ok).all(), (label, node, local.min(0), local.max(0))
             parts.setdefault(label, []).append(mesh)
+            caps += len(mesh.faces) if any(node) else 0
     welded = {label: weld(zmesh.Mesh.concatenate(*meshes)) for label, meshes in parts.items()}
     simplified = dense_faces = 0
     worst = 0.0
@@ -252,7 +270,7 @@ def _simplified_vs_dense(objects: np.ndarray, reduction: int, max_error: float |
         worst = max(worst, float(off.max()))
         simplified += len(mesh.faces)
         dense_faces += len(ref.faces)
-    return welded, simplified, dense_faces, worst
+    return welded, simplified - caps, dense_faces - caps, worst
 
 
 def test_simplified_block_meshes_weld_closed_and_stay_near_the_dense_surface(crops) -> None:
@@ -370,6 +388,47 @@ def test_killed_export_resumes_to_the_bytes_of_a_clean_export(ray_local, crops, 
     assert _layer_files(dest) == _layer_files(tmp_path / "clean")
 
 
+def test_export_killed_while_writing_mesh_shards_resumes_to_the_bytes_of_a_clean_export(ray_local, crops,
+                                                                                      tmp_path: Path) -> None:
+    """About one object per mesh shard (a dozen shard tasks, one at a time), the CLI SIGKILLed once the first shards are
+    written: the rerun meshes no block again, writes only the missing shards (from the block files kept until every
+    shard is written), and every file equals a clean export's made with 2 tasks at a time."""
+    from scipy import ndimage
+
+    from conftest import kill_cli_when
+
+    # the mitochondria cut per slice into 18 objects with sparse ids (multiples of 4096: the hash still spreads them)
+    objects, n = np.zeros_like(crops["objects"]), 0
+    for z, plane in enumerate(crops["objects"]):
+        cut, k = ndimage.label(plane > 0)
+        objects[z] = np.where(cut > 0, (cut + n) * 4096, 0)
+        n += k
+    src = str(tmp_path / "slices.zarr")
+    create_ome_zarr(src, objects.shape, objects.dtype, (8, 128, 128), VOXEL).write(objects).result()
+    args = {"layer_type": "segmentation", "mesh": True, "mesh_scale": 0, "mesh_objects_per_shard": 1,
+            "sharded": False, "task_voxels": 4 * 64 * 64}
+    clean = _export(source=src, dest=str(tmp_path / "clean"), max_in_flight=2, **args)
+    shards = clean["meshes"]["shards"]
+    assert clean["meshes"]["labels"] == n >= 15 and clean["meshes"]["fragments"] > n  # objects span blocks
+    assert shards >= 8, shards
+    dest = tmp_path / "killed"
+    mesh_dir = dest / "mesh"
+    written = lambda: len(list(mesh_dir.glob("*.shard"))) if mesh_dir.is_dir() else 0  # noqa: E731
+    cmd = ["export", src, str(dest), f"run_dir={tmp_path}/killed_run", "chunk=4,64,64",
+           "shard_voxels=65536", "max_in_flight=1",
+           *[f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()]]
+    kill_cli_when(cmd, lambda: written() >= 2, timeout=180, poll=0.005)
+    done = written()
+    print(f"{shards} shards, {done} written before the kill")
+    assert 2 <= done < shards, "the kill should land among the shard tasks"
+    assert list(mesh_dir.glob("~fragments-*")), "block files are kept until every shard is written"
+    resumed = _export(source=src, dest=str(dest), max_in_flight=1, **args)
+    m = resumed["meshes"]
+    assert m["computed"] == 0 and m["shards_written"] == shards - done, (m, done)
+    assert not list(mesh_dir.glob("~fragments-*"))
+    assert _layer_files(dest) == _layer_files(tmp_path / "clean")
+
+
 def test_auto_mesh_scale_is_the_coarsest_xy_only_scale_finer_than_half_z() -> None:
     from vemscale.export.meshes import auto_mesh_scale
 
@@ -419,24 +478,32 @@ def test_shard_shape_key_sets_scale_zero_shards_and_a_wrong_one_fails_before_wri
 
 def test_shard_files_read_back_through_tensorstore_for_many_shards_and_minishards(tmp_path: Path) -> None:
     """Shards assembled by `encode_shard` (values with a prefix before them, as mesh fragments sit before their
-    manifest) read by tensorstore's own `neuroglancer_uint64_sharded` store, key by key, and listed back."""
+    manifest) read by tensorstore's own `neuroglancer_uint64_sharded` store, key by key, and listed back: the mesh
+    layout (murmurhash, 8 shards x 32 minishards) and an identity-hashed one with a single minishard per shard."""
     from vemscale.export.shardfile import encode_shard, mesh_sharding, shard_entries, shard_name, shard_of
 
     rng = np.random.default_rng(0)
-    keys = np.unique(np.concatenate([rng.integers(1, 2**40, 3000), np.arange(1, 200), [2**63 + 5]])).astype(np.uint64)
-    spec = mesh_sharding(len(keys), keys_per_shard=512, keys_per_minishard=16)
-    assert spec["shard_bits"] == 3 and spec["minishard_bits"] == 5  # 3,200 keys: 8 shards of 32 minishards
-    values = {int(k): rng.bytes(int(rng.integers(0, 40))) + int(k).to_bytes(8, "little") for k in keys}
-    kv = ts.KvStore.open(f"file://{tmp_path}/").result()
-    shards = shard_of(keys, spec)
-    for s in np.unique(shards):
-        entries = [(int(k), rng.bytes(int(rng.integers(0, 30))), values[int(k)]) for k in keys[shards == s]]
-        kv.write(shard_name(int(s), spec), encode_shard(entries, spec)).result()
-        data = (tmp_path / shard_name(int(s), spec)).read_bytes()
-        listed = shard_entries(lambda a, b: data[a:b], spec)
-        assert sorted(listed) == sorted(int(k) for k in keys[shards == s])
-        assert all(data[a:b] == values[k] for k, (a, b) in listed.items())
-    reader = ts.KvStore.open({"driver": "neuroglancer_uint64_sharded", "metadata": spec, "base": f"file://{tmp_path}/"}).result()
-    for k in keys:
-        assert reader.read(struct.pack(">Q", int(k))).result().value == values[int(k)]
-    assert reader.read(struct.pack(">Q", int(keys.max()) - 1)).result().state == "missing"
+    keys = np.unique(np.concatenate([rng.integers(1, 2**40, 3000).astype(np.uint64), np.arange(1, 200, dtype=np.uint64),
+                                     np.array([2**63 + 5, 2**64 - 1], np.uint64)]))
+    mesh = mesh_sharding(len(keys), keys_per_shard=512, keys_per_minishard=16)
+    assert (mesh["hash"], mesh["shard_bits"], mesh["minishard_bits"]) == ("murmurhash3_x86_128", 3, 5)  # 3,201 keys
+    identity = {**mesh, "hash": "identity", "preshift_bits": 2, "minishard_bits": 0, "shard_bits": 2,
+                "minishard_index_encoding": "raw"}
+    for name, spec in (("mesh", mesh), ("identity", identity)):
+        values = {int(k): rng.bytes(int(rng.integers(0, 40))) + int(k).to_bytes(8, "little") for k in keys}
+        root = tmp_path / name
+        kv = ts.KvStore.open(f"file://{root}/").result()
+        shards = shard_of(keys, spec)
+        assert len(np.unique(shards)) == 2 ** spec["shard_bits"]
+        for sh in np.unique(shards):
+            entries = [(int(k), rng.bytes(int(rng.integers(0, 30))), values[int(k)]) for k in keys[shards == sh]]
+            kv.write(shard_name(int(sh), spec), encode_shard(entries, spec)).result()
+            data = (root / shard_name(int(sh), spec)).read_bytes()
+            listed = shard_entries(lambda a, b: data[a:b], spec)
+            assert sorted(listed) == sorted(int(k) for k in keys[shards == sh])
+            assert all(data[a:b] == values[k] for k, (a, b) in listed.items())
+        reader = ts.KvStore.open({"driver": "neuroglancer_uint64_sharded", "metadata": spec,
+                                  "base": f"file://{root}/"}).result()
+        for k in keys:
+            assert reader.read(struct.pack(">Q", int(k))).result().value == values[int(k)], (name, int(k))
+        assert reader.read(struct.pack(">Q", 2**63 + 6)).result().state == "missing"

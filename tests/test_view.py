@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ CROP = (slice(4, 12), slice(256, 640), slice(256, 640))
 
 
 @pytest.fixture(scope="module")
-def layers(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Path]:
+def layers(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Any]:
     """A real EM crop (image) and its mitochondria (segmentation with meshes and properties), exported by us."""
     root = tmp_path_factory.mktemp("view")
     em = tifffile.imread(data_path("vnc_drosophila_sstem", "train", "image.tif"))[CROP]
@@ -36,16 +37,17 @@ def layers(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Pat
         create_ome_zarr(str(root / f"{name}.zarr"), arr.shape, arr.dtype, (8, 128, 128), VOXEL).write(arr).result()
     common = {"chunk": (8, 64, 64), "pyramid": True, "max_scales": 2, "run_dir": str(root / "runs")}
     run_export(build_config(ExportConfig, {**common, "source": str(root / "em_src.zarr"), "dest": str(root / "em")}))
-    run_export(build_config(ExportConfig, {**common, "source": str(root / "mito_src.zarr"), "dest": str(root / "mito"),
+    seg = run_export(build_config(ExportConfig, {**common, "source": str(root / "mito_src.zarr"), "dest": str(root / "mito"),
                                            "layer_type": "segmentation", "mesh": True, "sharded": True,
+                                           "task_voxels": 8 * 64 * 64,  # mesh blocks of 8x64x64: objects span several
                                            "classes": ["background", "mitochondria"]}))
     probs = np.stack([255 - mito * 255, mito * 255]).astype(np.uint8)
     create_ome_zarr(str(root / "probs.zarr"), probs.shape, probs.dtype, (1, 8, 128, 128), VOXEL,
                     channel_names=["background", "mitochondria"]).write(probs).result()
-    return {"root": root, "em": root / "em", "mito": root / "mito", "probs": root / "probs.zarr"}
+    return {"root": root, "em": root / "em", "mito": root / "mito", "probs": root / "probs.zarr", "meshes": seg["meshes"]}
 
 
-def test_state_from_layers(layers: dict[str, Path]) -> None:
+def test_state_from_layers(layers: dict[str, Any]) -> None:
     described = [describe_layer(str(layers["em"])), describe_layer(f"seg={layers['mito']}"),
                  describe_layer(str(layers["probs"])), describe_layer(f"{layers['root'] / 'em_src.zarr'}:image")]
     assert [(d.name, d.kind, d.fmt) for d in described] == [
@@ -96,7 +98,7 @@ def _chromium_or_skip() -> None:
     find_chromium()
 
 
-def test_view_screenshot_shows_em_and_segments(layers: dict[str, Path], tmp_path: Path) -> None:
+def test_view_screenshot_shows_em_and_segments(layers: dict[str, Any], tmp_path: Path) -> None:
     _chromium_or_skip()
     from PIL import Image
 
@@ -118,10 +120,11 @@ def test_view_screenshot_shows_em_and_segments(layers: dict[str, Path], tmp_path
     assert coloured.sum() > 2000, f"only {coloured.sum()} coloured pixels: segments not drawn"
 
 
-def test_view_3d_draws_the_sharded_meshes(layers: dict[str, Path], tmp_path: Path) -> None:
+def test_view_3d_draws_the_sharded_meshes(layers: dict[str, Any], tmp_path: Path) -> None:
     """The 3D panel alone: the mitochondria's sharded multi-resolution meshes, decoded and drawn by Neuroglancer
     (without them the panel holds the yellow bounding box and its blended edges only: 56 such pixels, measured
     with the mesh key taken out of the layer's info)."""
+    assert layers["meshes"]["fragments"] > layers["meshes"]["labels"]  # objects of several fragments among them
     _chromium_or_skip()
     from PIL import Image
 

@@ -5,16 +5,18 @@ Layout (what Neuroglancer and cloud-volume read)::
 
     <layer>/info                 + "mesh": "mesh"
     <layer>/mesh/info            {"@type": "neuroglancer_multilod_draco", ..., "sharding": {...}}
-    <layer>/mesh/<shard>.shard   per object (uint64 key = label): its Draco fragment, then its manifest
-    <layer>/mesh/~fragments-<box>  per block, while the step runs: the block's label meshes (deleted at the end)
+    <layer>/mesh/<shard>.shard   per object (uint64 key = label): its Draco fragments, then its manifest
+    <layer>/mesh/~fragments-<box>  per block, while the step runs: the block's encoded pieces (deleted at the end)
 
-Step 1 (blocks, through the ledger): each block meshes one box of a scale (a whole number of its chunks) plus
-one voxel on the high sides and writes one file of its labels' meshes; its ledger payload is (label, offset,
-size) per label. Step 2 (shards): the driver groups those rows by shard (32 bytes per fragment) and one Ray task
-per shard reads its labels' pieces, welds a label found in several blocks into one mesh (pieces share their seam
-vertices, so the weld closes it), encodes each object and writes the shard file whole; a rerun writes only
-missing shards. A file per block and per shard, where the legacy format needed a manifest and a fragment per
-object and block. One mesh per label value: per class for class labels, per object for instance labels.
+Step 1 (blocks, through the ledger): each block meshes one box of a scale (a whole number of its chunks) plus one
+voxel on the high sides, simplifies and Draco-encodes each label's piece in the block's octree node
+(`vemscale.export.multilod`) and writes them as one file; its ledger payload is (label, offset, size, node x, y,
+z) per piece. Step 2 (shards): the driver groups those rows by shard (56 bytes per piece) and one Ray task per
+shard reads its objects' pieces back (byte ranges), writes each object's manifest after them and the shard file
+whole; a rerun writes only missing shards. An object crossing blocks is one fragment per block: the pieces share
+their seam vertices (borders locked in simplification), so it is drawn closed, and no task holds more of an
+object than one block's piece (a shard task: its shard's bytes). One mesh per label value: per class for class
+labels, per object for instance labels.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ import tensorstore as ts
 from vemscale.blocks.grid import BlockGrid, Box
 from vemscale.blocks.ledger import Ledger, ledger_url
 from vemscale.errors import UserError
-from vemscale.export.multilod import MULTILOD, encode_object, multilod_info
+from vemscale.export.multilod import MULTILOD, encode_fragment, encode_manifest, morton, multilod_info, node_grid
 from vemscale.export.precomputed import layer_kvstore, open_scale, read_info, update_info, view_spec, \
     read_chunk_shape
 from vemscale.export.shardfile import encode_shard, mesh_sharding, shard_entries, shard_name, shard_of
 from vemscale.export.steps import box_list, open_spec, run_step
 
-__all__ = ["MESH_DIR", "write_meshes", "auto_mesh_scale", "mesh_ids", "weld"]
+__all__ = ["MESH_DIR", "write_meshes", "auto_mesh_scale", "mesh_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -52,91 +54,78 @@ def block_key(box: Box) -> str:
 
 
 def mesh_block_task(box: Box, seg_spec: dict[str, Any], mesh_kv: str, voxel_size_xyz: list[float],
-                    reduction_factor: int, max_error_nm: float | None, run: str) -> bytes:
-    """Mesh one box (+1 voxel on high sides) into one file of its labels' meshes (legacy precomputed encoding,
-    concatenated); payload: uint64 rows (label, offset, size), empty when the box has no label."""
-    from vemscale.post.mesh import mesh_block
+                    block_zyx: list[int], reduction_factor: int, max_error_nm: float | None, run: str) -> bytes:
+    """Mesh one box (+1 voxel on high sides) into one file of its labels' Draco pieces; payload: uint64 rows
+    (label, offset, size, node x, y, z), empty when the box has no label."""
+    from vemscale.post.mesh import block_pieces
 
     seg = open_spec(seg_spec, run=run)
     shape = seg.shape
     read = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(box, shape))
     labels_zyx = seg[read].read().result()
-    meshes = mesh_block(labels_zyx.T, voxel_size_xyz, [s.start for s in read][::-1],
-                        pad_low=[s.start == 0 for s in read][::-1], pad_high=[s.stop == n for s, n in zip(read, shape)][::-1],
-                        reduction_factor=reduction_factor, max_error_nm=max_error_nm)
-    if not meshes:
+    chunk_shape, grid_origin = node_grid(block_zyx[::-1], voxel_size_xyz)
+    block_index = [s.start // b + 1 for s, b in zip(box, block_zyx)][::-1]  # x,y,z node of the block's own cells
+    rows, data, offset = [], [], 0
+    for label, node_offset, mesh in block_pieces(
+            labels_zyx.T, voxel_size_xyz, [s.start for s in read][::-1], pad_low=[s.start == 0 for s in read][::-1],
+            pad_high=[s.stop == n for s, n in zip(read, shape)][::-1], reduction_factor=reduction_factor,
+            max_error_nm=max_error_nm):
+        node = [i + d for i, d in zip(block_index, node_offset)]
+        piece = encode_fragment(mesh.vertices, mesh.faces, node, chunk_shape, grid_origin, VERTEX_BITS)
+        if piece is None:
+            continue
+        rows.append((label, offset, len(piece), *node))
+        data.append(piece)
+        offset += len(piece)
+    if not rows:
         return b""
-    rows, offset = [], 0
-    for label in sorted(meshes):
-        rows.append((label, offset, len(meshes[label])))
-        offset += len(meshes[label])
     kv = ts.KvStore.open(mesh_kv).result()
-    kv.write(block_key(box), b"".join(meshes[label] for label in sorted(meshes))).result()
+    kv.write(block_key(box), b"".join(data)).result()
     return np.asarray(rows, "<u8").tobytes()
 
 
-def weld(mesh: Any, digits: int = 2) -> Any:
-    """Join vertices that coincide (to 10^-digits nm) and drop faces that collapse: block fragments share their
-    seam vertices exactly (marching cubes on the same lattice; the simplifier keeps open borders), so the welded
-    object mesh is closed where the object is."""
-    import zmesh
-
-    keys = np.round(mesh.vertices.astype(np.float64), digits)
-    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-    faces = inverse.reshape(-1)[mesh.faces]
-    good = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
-    return zmesh.Mesh(uniq.astype(np.float32), faces[good].astype(np.uint32), None)
-
-
 def write_mesh_shard(shard: int, rows: np.ndarray, blocks: list[str], mesh_kv: str, sharding: dict[str, Any],
-                     lod_scale: float) -> int:
-    """Write one shard file from its rows (label, block, offset, size), sorted by label then block: each label's
-    pieces read back, welded when there are several, encoded; returns how many labels were welded."""
-    import zmesh
-
+                     chunk_shape: list[float], grid_origin: list[float], lod_scale: float) -> int:
+    """Write one shard file from its rows (label, block, offset, size, node x, y, z), sorted by label: each
+    object's pieces in Z-curve order of their nodes, then its manifest; returns the number of objects."""
     kv = ts.KvStore.open(mesh_kv).result()
-    batch = ts.Batch()
-    reads = [kv.read(blocks[int(b)], byte_range=slice(int(o), int(o + n)), batch=batch) for _, b, o, n in rows]
-    batch.submit()
-    entries, welded = [], 0
+    entries = []
     labels, starts = np.unique(rows[:, 0], return_index=True)
     for label, start, stop in zip(labels, starts, list(starts[1:]) + [len(rows)]):
-        parts = [zmesh.Mesh.from_precomputed(bytes(reads[i].result().value)) for i in range(start, stop)]
-        if len(parts) > 1:
-            mesh = weld(zmesh.Mesh.concatenate(*parts))
-            welded += 1
-        else:
-            mesh = parts[0]
-        encoded = encode_object(mesh.vertices, mesh.faces, VERTEX_BITS, lod_scale)
-        if encoded is not None:
-            entries.append((int(label), *encoded))
+        part = rows[start:stop]
+        part = part[np.argsort(morton(part[:, 4:7]), kind="stable")]
+        batch = ts.Batch()
+        reads = [kv.read(blocks[int(b)], byte_range=slice(int(o), int(o + n)), batch=batch) for b, o, n in part[:, 1:4]]
+        batch.submit()
+        data = b"".join(bytes(r.result().value) for r in reads)  # one object's pieces at a time
+        manifest = encode_manifest(np.asarray(chunk_shape), np.asarray(grid_origin), part[:, 4:7], part[:, 3], lod_scale)
+        entries.append((int(label), data, manifest))
     kv.write(shard_name(shard, sharding), encode_shard(entries, sharding)).result()
-    return welded
+    return len(entries)
 
 
 def _pieces(ledger: Ledger, grid: BlockGrid) -> tuple[np.ndarray, list[str]]:
-    """Every done block's pieces as rows (label, block, offset, size) and the blocks' file names (32 bytes per
-    piece in the driver: 1e7 pieces, 320 MB)."""
+    """Every done block's pieces as rows (label, block, offset, size, node x, y, z) and the blocks' file names
+    (56 bytes per piece in the driver: 1e7 pieces, 560 MB)."""
     found, blocks = [], []
     for index, payload in ledger.payloads(grid.num_blocks):
         if payload:
-            part = np.frombuffer(payload, "<u8").reshape(-1, 3)
+            part = np.frombuffer(payload, "<u8").reshape(-1, 6)
             found.append(np.column_stack([part[:, 0], np.full(len(part), len(blocks), np.uint64), part[:, 1:]]))
             blocks.append(block_key(grid.box(index)))
-    return (np.concatenate(found) if found else np.zeros((0, 4), np.uint64)), blocks
+    return (np.concatenate(found) if found else np.zeros((0, 7), np.uint64)), blocks
 
 
-def _written_shards(kv: ts.KvStore) -> set[str]:
-    return {bytes(k).decode() for k in kv.list(ts.KvStore.KeyRange(exclusive_max="g")).result()}
+def _written_shards(kv: ts.KvStore) -> np.ndarray:
+    """Numbers of the shard files present (names are hex digits + ".shard")."""
+    names = [bytes(k).decode() for k in kv.list(ts.KvStore.KeyRange(exclusive_max="g")).result()]
+    return np.asarray([int(n[:-6], 16) for n in names if n.endswith(".shard")], np.uint64)
 
 
-def _lost_pieces(kv: ts.KvStore, rows: np.ndarray, blocks: list[str], sharding: dict[str, Any]) -> int:
+def _lost_pieces(kv: ts.KvStore, rows: np.ndarray, shards: np.ndarray, blocks: list[str]) -> int:
     """How many block files that shards still to be written need are missing (0 after a kill: they are deleted
     only once every shard is written)."""
-    if not len(rows):
-        return 0
-    names = np.array([shard_name(int(n), sharding) for n in shard_of(rows[:, 0], sharding)])
-    needed = np.unique(rows[~np.isin(names, list(_written_shards(kv))), 1])
+    needed = np.unique(rows[~np.isin(shards, _written_shards(kv)), 1])
     if not len(needed):
         return 0
     have = {bytes(k).decode() for k in kv.list(ts.KvStore.KeyRange(inclusive_min=SCRATCH,
@@ -144,33 +133,33 @@ def _lost_pieces(kv: ts.KvStore, rows: np.ndarray, blocks: list[str], sharding: 
     return sum(blocks[int(b)] not in have for b in needed)
 
 
-def write_shards(mesh_kv: str, rows: np.ndarray, blocks: list[str], sharding: dict[str, Any], lod_scale: float,
+def write_shards(mesh_kv: str, rows: np.ndarray, shards: np.ndarray, blocks: list[str], sharding: dict[str, Any],
+                 node: tuple[list[float], list[float]], lod_scale: float,
                  max_in_flight: int | None = None) -> dict[str, int]:
     """One Ray task per shard not written yet (a rerun after a kill writes only the missing ones)."""
     import ray
 
-    done = _written_shards(ts.KvStore.open(mesh_kv).result())
-    shards = shard_of(rows[:, 0], sharding)
-    order = np.lexsort((rows[:, 1], rows[:, 0], shards))
+    written_before = set(_written_shards(ts.KvStore.open(mesh_kv).result()).tolist())
+    order = np.lexsort((rows[:, 0], shards))
     rows, shards = rows[order], shards[order]
     numbers, starts = np.unique(shards, return_index=True)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     limit = max_in_flight or 2 * cpus
     remote = ray.remote(num_cpus=1, max_retries=3)(write_mesh_shard)
-    welded, written, in_flight = 0, 0, []
+    objects, written, in_flight = 0, 0, []
     for number, start, stop in zip(numbers, starts, list(starts[1:]) + [len(rows)]):
-        if shard_name(int(number), sharding) in done:
+        if int(number) in written_before:
             continue
         if len(in_flight) >= limit:
             ready, in_flight = ray.wait(in_flight, num_returns=1)
-            welded += ray.get(ready[0])
+            objects += ray.get(ready[0])
         part = rows[start:stop].copy()
         used, part[:, 1] = np.unique(part[:, 1], return_inverse=True)  # the shard's own block names only
         in_flight.append(remote.remote(int(number), part, [blocks[int(b)] for b in used], mesh_kv, sharding,
-                                       lod_scale))
+                                       node[0], node[1], lod_scale))
         written += 1
-    welded += sum(ray.get(in_flight))
-    return {"shards": int(len(numbers)), "shards_written": written, "welded": welded}
+    objects += sum(ray.get(in_flight))
+    return {"shards": int(len(numbers)), "shards_written": written, "objects_written": objects}
 
 
 def auto_mesh_scale(info: dict[str, Any]) -> int:
@@ -193,9 +182,10 @@ def auto_mesh_scale(info: dict[str, Any]) -> int:
 
 def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: int = 10, max_error_nm: float | None = None,
                  target_voxels: int = 2**22, max_in_flight: int | None = None,
-                 source_generation: str | None = None, blocks_per_batch: int | None = None) -> dict[str, Any]:
+                 source_generation: str | None = None, blocks_per_batch: int | None = None,
+                 objects_per_shard: int = 2048) -> dict[str, Any]:
     """Mesh every label of the segmentation layer at `url` (from scale `scale_index`, "auto": see
-    `auto_mesh_scale`) into sharded multi-resolution meshes in `<url>/mesh`.
+    `auto_mesh_scale`) into sharded multi-resolution meshes in `<url>/mesh` (about `objects_per_shard` per file).
 
     `max_error_nm` bounds simplification (default: the scale's xy voxel size). Returns labels, fragments, time.
     """
@@ -217,11 +207,14 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
     ensure_ray()
     t0 = time.perf_counter()
     spec = view_spec(seg)
-    # version 3: sharded multi-resolution meshes (2: legacy meshes simplified by meshoptimizer; 1: by zmesh)
+    # version 3: sharded multi-resolution meshes, a fragment per block (2: legacy meshes simplified by
+    # meshoptimizer; 1: by zmesh); the format's parameters too, so a resume never mixes two layouts
     desc = {"step": "meshes", "version": 3, "parent": source_generation or "external", "scale": scale_index,
-            "source": spec, "reduction_factor": reduction_factor, "max_error_nm": max_error_nm}
-    kwargs = {"seg_spec": spec, "mesh_kv": mesh_kv, "voxel_size_xyz": voxel, "reduction_factor": reduction_factor,
-              "max_error_nm": max_error_nm, "run": uuid.uuid4().hex}
+            "source": spec, "reduction_factor": reduction_factor, "max_error_nm": max_error_nm,
+            "format": {"vertex_bits": VERTEX_BITS, "objects_per_shard": objects_per_shard, "draco_level": 1,
+                       "hash": "murmurhash3_x86_128"}}
+    kwargs = {"seg_spec": spec, "mesh_kv": mesh_kv, "voxel_size_xyz": voxel, "block_zyx": list(grid.block_shape),
+              "reduction_factor": reduction_factor, "max_error_nm": max_error_nm, "run": uuid.uuid4().hex}
     ledger = Ledger.open(ledger_url(url, "meshes"), {**desc, "grid": grid.to_dict()})
     if ledger.fresh:  # a new mesh run must not keep meshes of labels now gone; a resumed one keeps its own
         kv.delete_range(ts.KvStore.KeyRange()).result()
@@ -229,7 +222,10 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
         ledger, summary = run_step(url, "meshes", desc, grid, mesh_block_task, kwargs, bytes_per_voxel=64.0,
                                    max_in_flight=max_in_flight, blocks_per_batch=blocks_per_batch)
         rows, blocks = _pieces(ledger, grid)
-        lost = _lost_pieces(kv, rows, blocks, mesh_sharding(len(np.unique(rows[:, 0]))))
+        labels, which = np.unique(rows[:, 0], return_inverse=True)
+        sharding = mesh_sharding(len(labels), objects_per_shard)
+        shards = shard_of(labels, sharding)[which.reshape(-1)]  # hashed once per object
+        lost = _lost_pieces(kv, rows, shards, blocks)
         if not lost:
             break
         if attempt:
@@ -238,20 +234,19 @@ def write_meshes(url: str, scale_index: int | str = "auto", reduction_factor: in
         log.warning("meshes: %d block files of unwritten shards are gone; meshing every block again", lost)
         Ledger.invalidate(ledger_url(url, "meshes"))
         kv.delete_range(ts.KvStore.KeyRange()).result()
-    labels = int(len(np.unique(rows[:, 0])))
-    sharding = mesh_sharding(labels)
-    t_merge = time.perf_counter()
-    shards = write_shards(mesh_kv, rows, blocks, sharding, min(voxel), max_in_flight) if len(rows) else \
-        {"shards": 0, "shards_written": 0, "welded": 0}
+    chunk_shape, grid_origin = node_grid(list(grid.block_shape)[::-1], voxel)
+    t_shards = time.perf_counter()
+    written = write_shards(mesh_kv, rows, shards, blocks, sharding, (chunk_shape.tolist(), grid_origin.tolist()),
+                           min(voxel), max_in_flight)
     kv.write("info", json.dumps(multilod_info(sharding, VERTEX_BITS)).encode()).result()
     update_info(url, mesh=MESH_DIR)
     kv.delete_range(ts.KvStore.KeyRange(inclusive_min=SCRATCH, exclusive_max=SCRATCH[:-1] + ".")).result()
     seconds = time.perf_counter() - t0
-    log.info("meshes: %d labels, %d fragments from %d blocks in %d shards, %.1f s", labels, len(rows),
-             grid.num_blocks, shards["shards"], seconds)
-    return {"labels": labels, "fragments": int(len(rows)), "blocks": grid.num_blocks, "shards": shards["shards"],
-            "shards_written": shards["shards_written"], "merged_labels": shards["welded"],
-            "merge_seconds": round(time.perf_counter() - t_merge, 3), "computed": summary["computed"],
+    log.info("meshes: %d labels, %d pieces from %d blocks in %d shards, %.1f s", len(labels), len(rows),
+             grid.num_blocks, written["shards"], seconds)
+    return {"labels": int(len(labels)), "fragments": int(len(rows)), "blocks": grid.num_blocks,
+            "shards": written["shards"], "shards_written": written["shards_written"],
+            "shard_seconds": round(time.perf_counter() - t_shards, 3), "computed": summary["computed"],
             "skipped": summary["skipped"], "scale": scale_index, "seconds": round(seconds, 3)}
 
 

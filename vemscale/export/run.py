@@ -49,6 +49,7 @@ class ExportConfig(StageConfig, ShardKeys):
     mesh_scale: Literal["auto"] | int = "auto"  # scale meshed; auto: coarsest xy-only scale with xy voxel <= z/2
     mesh_reduction: int = Field(10, ge=0)  # triangle reduction factor of the simplification (0/1 = none)
     mesh_max_error_nm: float | None = None  # simplification error bound; default the mesh scale's xy voxel size
+    mesh_objects_per_shard: int = Field(2048, ge=1)  # objects per mesh shard file (one Ray task writes one)
     properties: bool = True  # segment properties (labels, volume in um^3) for segmentation layers
     # sharded / shard_shape / shard_voxels (vemscale.io.shards.ShardKeys): shard_shape is scale 0's shard (a
     # Morton-aligned 2^k box of chunks); downsampled scales take the largest 2^k box of <= shard_voxels
@@ -137,7 +138,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         result["meshes"] = write_meshes(url, mesh_scale, cfg.mesh_reduction, cfg.mesh_max_error_nm,
                                         min(cfg.task_voxels, 2**22), cfg.max_in_flight,
                                         source_generation=scale_gens.get(int(mesh_scale)),
-                                        blocks_per_batch=cfg.blocks_per_batch)
+                                        blocks_per_batch=cfg.blocks_per_batch,
+                                        objects_per_shard=cfg.mesh_objects_per_shard)
         result["blocks"]["meshes"] = {k: result["meshes"][k] for k in ("blocks", "computed", "skipped")}
         timings["mesh_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start

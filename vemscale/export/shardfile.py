@@ -3,8 +3,8 @@ one shard's bytes from its entries, and the keys a shard holds.
 
 Volume shards are written by tensorstore. A multi-resolution mesh shard needs each object's fragment data placed
 immediately before its manifest, with the index pointing at the manifest (Neuroglancer's sharded.md and meshes.md),
-which a generic key-value writer cannot lay out, so mesh shards are built here: identity hash, values raw,
-minishard indexes gzipped.
+which a generic key-value writer cannot lay out, so mesh shards are built here: murmurhash3_x86_128 of the key
+(spreads any id set, sparse or dense, evenly; identity is also read), values raw, minishard indexes gzipped.
 """
 
 from __future__ import annotations
@@ -21,20 +21,29 @@ SHARDED = "neuroglancer_uint64_sharded_v1"
 
 
 def mesh_sharding(num_keys: int, keys_per_shard: int = 2048, keys_per_minishard: int = 64) -> dict[str, Any]:
-    """Sharding for `num_keys` objects: ~`keys_per_shard` per shard file (one Ray task writes one) and
+    """Sharding for `num_keys` objects (murmurhash): ~`keys_per_shard` per shard file (one Ray task writes one) and
     ~`keys_per_minishard` per minishard (the index Neuroglancer fetches before an object: 24 bytes per key).
     A function of the key count only, so the layout is the same on any cluster."""
     shard_bits = max(0, math.ceil(math.log2(max(1.0, num_keys / keys_per_shard))))
     per_shard = num_keys / 2**shard_bits
     minishard_bits = min(12, max(0, math.ceil(math.log2(max(1.0, per_shard / keys_per_minishard)))))
-    return {"@type": SHARDED, "hash": "identity", "preshift_bits": 0, "minishard_bits": minishard_bits,
+    return {"@type": SHARDED, "hash": "murmurhash3_x86_128", "preshift_bits": 0, "minishard_bits": minishard_bits,
             "shard_bits": shard_bits, "minishard_index_encoding": "gzip", "data_encoding": "raw"}
 
 
 def _hashed(keys: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    if spec.get("hash") != "identity":
-        raise ValueError(f"only the identity hash is supported here, not {spec.get('hash')!r}")
-    return np.asarray(keys, np.uint64) >> np.uint64(spec.get("preshift_bits", 0))
+    """The hashed chunk id of each key: hash(key >> preshift_bits); murmurhash3_x86_128 of the shifted key's 8
+    little-endian bytes, seed 0, its low 8 bytes as a little-endian uint64 (Neuroglancer's sharded.md)."""
+    shifted = np.atleast_1d(np.asarray(keys, np.uint64)) >> np.uint64(spec.get("preshift_bits", 0))
+    if spec.get("hash") == "identity":
+        return shifted
+    if spec.get("hash") != "murmurhash3_x86_128":
+        raise ValueError(f"unknown sharding hash {spec.get('hash')!r}")
+    import mmh3
+
+    low = (1 << 64) - 1
+    return np.fromiter((mmh3.hash128(int(k).to_bytes(8, "little"), 0, False, signed=False) & low for k in shifted),
+                       np.uint64, len(shifted))
 
 
 def shard_of(keys: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -55,9 +64,11 @@ def shard_name(shard: int, spec: dict[str, Any]) -> str:
 def encode_shard(entries: Iterable[tuple[int, bytes, bytes]], spec: dict[str, Any]) -> bytes:
     """One shard file from (key, prefix, value) entries of that shard: each prefix is stored immediately before its
     value and the minishard index points at the value (a mesh's fragment data, then its manifest)."""
+    entries = list(entries)
+    minishards = minishard_of(np.asarray([e[0] for e in entries], np.uint64), spec) if entries else []
     by_minishard: dict[int, list[tuple[int, bytes, bytes]]] = {}
-    for key, prefix, value in entries:
-        by_minishard.setdefault(int(minishard_of(np.uint64(key), spec)), []).append((int(key), prefix, value))
+    for m, (key, prefix, value) in zip(minishards, entries):
+        by_minishard.setdefault(int(m), []).append((int(key), prefix, value))
     n_mini = 1 << spec["minishard_bits"]
     data, rows = bytearray(), {}
     for m in sorted(by_minishard):

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["block_meshes", "mesh_block", "simplify"]
+__all__ = ["block_meshes", "block_pieces", "simplify"]
 
 
 def block_meshes(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
@@ -81,10 +81,34 @@ def simplify(mesh: Any, reduction_factor: int, max_error_nm: float | None) -> An
     return zmesh.Mesh(vertices[used], faces.reshape(-1, 3).astype(np.uint32), None)
 
 
-def mesh_block(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
-               pad_low: Sequence[bool] = (False, False, False), pad_high: Sequence[bool] = (False, False, False),
-               reduction_factor: int = 0, max_error_nm: float | None = None,
-               ids: Iterable[int] | None = None) -> dict[int, bytes]:
-    """`block_meshes` as {label: legacy precomputed fragment bytes}."""
-    return {label: mesh.to_precomputed() for label, mesh in block_meshes(
-        labels_xyz, voxel_size_xyz, offset_xyz, pad_low, pad_high, reduction_factor, max_error_nm, ids)}
+def block_pieces(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
+                 pad_low: Sequence[bool] = (False, False, False), pad_high: Sequence[bool] = (False, False, False),
+                 reduction_factor: int = 0, max_error_nm: float | None = None
+                 ) -> Iterator[tuple[int, tuple[int, int, int], Any]]:
+    """(label, node offset, mesh) of a block read with one extra voxel on its high sides: the block's own cells
+    (vertices within [first voxel + 0.5, first voxel + block + 0.5) voxels: offset (0, 0, 0)) and, where the block
+    is padded at the volume's low edge, the caps of that padding (vertices at the edge plane and half a voxel in:
+    offset -1 on that axis). The block's own piece is simplified with its borders locked and the caps (one cell thick,
+    which simplification folds onto the seam) are kept whole, so the pieces still share their seam vertices. Every
+    piece then fits one node of a grid of block-sized boxes shifted by half a voxel."""
+    for label, mesh in block_meshes(labels_xyz, voxel_size_xyz, offset_xyz, pad_low, pad_high):
+        res = np.asarray([float(v) for v in voxel_size_xyz])
+        local = mesh.vertices.astype(np.float64) / res - np.asarray(offset_xyz, np.float64)
+        # a padded low edge's cap cells have vertices at local 0 (the edge plane) and 0.5; the block's own at >= 0.5
+        cap = (local[mesh.faces] < 0.25).any(axis=1)  # (faces, 3 axes): the face has a vertex on that axis' edge plane
+        node = -cap.astype(np.int64)
+        keys, inverse = np.unique(node, axis=0, return_inverse=True)
+        for k, key in enumerate(keys):
+            faces = mesh.faces[inverse.reshape(-1) == k]
+            used, faces = np.unique(faces, return_inverse=True)
+            part = _mesh(mesh.vertices[used], faces.reshape(-1, 3))
+            if reduction_factor > 1 and not key.any():  # caps stay as they are: half a voxel thick, simplifying
+                part = simplify(part, int(reduction_factor), max_error_nm)  # folds them onto the seam
+            if len(part.faces):
+                yield label, (int(key[0]), int(key[1]), int(key[2])), part
+
+
+def _mesh(vertices: np.ndarray, faces: np.ndarray) -> Any:
+    import zmesh
+
+    return zmesh.Mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32), None)
