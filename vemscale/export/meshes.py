@@ -89,15 +89,15 @@ def write_mesh_shard(shard: int, rows: np.ndarray, blocks: list[str], mesh_kv: s
     """Write one shard file from its rows (label, block, offset, size, node x, y, z), sorted by label: each
     object's pieces in Z-curve order of their nodes, then its manifest; returns the number of objects."""
     kv = ts.KvStore.open(mesh_kv).result()
+    rows = rows[np.lexsort((morton(rows[:, 4:7]), rows[:, 0]))]  # by label, then the Z-curve of its nodes
+    batch = ts.Batch()  # the shard's pieces (its bytes, which the shard file holds anyway), read at once
+    reads = [kv.read(blocks[int(b)], byte_range=slice(int(o), int(o + n)), batch=batch) for b, o, n in rows[:, 1:4]]
+    batch.submit()
     entries = []
     labels, starts = np.unique(rows[:, 0], return_index=True)
     for label, start, stop in zip(labels, starts, list(starts[1:]) + [len(rows)]):
         part = rows[start:stop]
-        part = part[np.argsort(morton(part[:, 4:7]), kind="stable")]
-        batch = ts.Batch()
-        reads = [kv.read(blocks[int(b)], byte_range=slice(int(o), int(o + n)), batch=batch) for b, o, n in part[:, 1:4]]
-        batch.submit()
-        data = b"".join(bytes(r.result().value) for r in reads)  # one object's pieces at a time
+        data = b"".join(bytes(reads[i].result().value) for i in range(start, stop))
         manifest = encode_manifest(np.asarray(chunk_shape), np.asarray(grid_origin), part[:, 4:7], part[:, 3], lod_scale)
         entries.append((int(label), data, manifest))
     kv.write(shard_name(shard, sharding), encode_shard(entries, sharding)).result()

@@ -50,22 +50,25 @@ def encode_fragment(vertices: np.ndarray, faces: np.ndarray, node_xyz: Sequence[
     top = float(2**bits - 1)
     lo = grid_origin.astype(np.float64) + np.asarray(node_xyz, np.float64) * chunk_shape.astype(np.float64)
     q = np.clip(np.rint((np.asarray(vertices, np.float64) - lo) / chunk_shape.astype(np.float64) * top), 0, top)
-    _, same = np.unique(q, axis=0, return_inverse=True)
     f = np.asarray(faces, np.int64).reshape(-1, 3)
-    s = same.reshape(-1)[f]
-    f = f[(s[:, 0] != s[:, 1]) & (s[:, 1] != s[:, 2]) & (s[:, 0] != s[:, 2])]
-    if not len(f):
-        return None
-    used, f = np.unique(f, return_inverse=True)
-    q, f = q[used], f.reshape(-1, 3)
-    try:
-        return bytes(DracoPy.encode(q.astype(np.float32), f.astype(np.uint32), quantization_bits=bits,
-                                    quantization_range=top, quantization_origin=[0.0, 0.0, 0.0],
-                                    compression_level=1))
-    except DracoPy.EncodingFailedException as err:  # not seen on marching-cubes pieces; never fail a whole export
-        log.warning("a mesh piece of %d triangles in node %s could not be Draco-encoded (%s); skipped",
-                    len(f), list(node_xyz), err)
-        return None
+    for attempt in range(2):
+        if attempt:  # Draco refused it: merge vertices quantised onto one position, drop the faces that collapse
+            _, same = np.unique(q[:, 0] * 2.0**32 + q[:, 1] * 2.0**16 + q[:, 2], return_inverse=True)
+            f = same.reshape(-1)[f]
+        good = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])
+        if not good.all():
+            f = f[good]
+        if not len(f):
+            return None
+        try:
+            return bytes(DracoPy.encode(q.astype(np.float32), f.astype(np.uint32), quantization_bits=bits,
+                                        quantization_range=top, quantization_origin=[0.0, 0.0, 0.0],
+                                        compression_level=1))
+        except DracoPy.EncodingFailedException as err:
+            failure = err
+    log.warning("a mesh piece of %d triangles in node %s could not be Draco-encoded (%s); skipped",
+                len(f), list(node_xyz), failure)
+    return None
 
 
 def morton(positions: np.ndarray) -> np.ndarray:

@@ -91,21 +91,32 @@ def block_pieces(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset
     offset -1 on that axis). The block's own piece is simplified with its borders locked and the caps (one cell thick,
     which simplification folds onto the seam) are kept whole, so the pieces still share their seam vertices. Every
     piece then fits one node of a grid of block-sized boxes shifted by half a voxel."""
+    res = np.asarray([float(v) for v in voxel_size_xyz])
     for label, mesh in block_meshes(labels_xyz, voxel_size_xyz, offset_xyz, pad_low, pad_high):
-        res = np.asarray([float(v) for v in voxel_size_xyz])
-        local = mesh.vertices.astype(np.float64) / res - np.asarray(offset_xyz, np.float64)
-        # a padded low edge's cap cells have vertices at local 0 (the edge plane) and 0.5; the block's own at >= 0.5
-        cap = (local[mesh.faces] < 0.25).any(axis=1)  # (faces, 3 axes): the face has a vertex on that axis' edge plane
-        node = -cap.astype(np.int64)
-        keys, inverse = np.unique(node, axis=0, return_inverse=True)
-        for k, key in enumerate(keys):
-            faces = mesh.faces[inverse.reshape(-1) == k]
-            used, faces = np.unique(faces, return_inverse=True)
-            part = _mesh(mesh.vertices[used], faces.reshape(-1, 3))
-            if reduction_factor > 1 and not key.any():  # caps stay as they are: half a voxel thick, simplifying
+        cap = None
+        if any(pad_low):  # a padded low edge's cap cells have vertices at local 0 (the edge plane) and 0.5
+            local = mesh.vertices.astype(np.float64) / res - np.asarray(offset_xyz, np.float64)
+            cap = (local[mesh.faces] < 0.25).any(axis=1)  # (faces, axes): a vertex on that axis' edge plane
+        if cap is None or not cap.any():
+            parts = [((0, 0, 0), mesh)]
+        else:
+            code = cap @ np.array([1, 2, 4])
+            parts = [(tuple(-int(b) for b in ((c >> np.arange(3)) & 1)), _submesh(mesh, code == c))
+                     for c in np.unique(code)]
+        for key, part in parts:
+            if reduction_factor > 1 and not any(key):  # caps stay as they are: half a voxel thick, simplifying
                 part = simplify(part, int(reduction_factor), max_error_nm)  # folds them onto the seam
             if len(part.faces):
-                yield label, (int(key[0]), int(key[1]), int(key[2])), part
+                yield label, key, part
+
+
+def _submesh(mesh: Any, keep: np.ndarray) -> Any:
+    """The faces `keep` of `mesh`, with only the vertices they use."""
+    faces = mesh.faces[keep]
+    used = np.zeros(len(mesh.vertices), bool)
+    used[faces] = True
+    remap = np.cumsum(used) - 1
+    return _mesh(mesh.vertices[used], remap[faces])
 
 
 def _mesh(vertices: np.ndarray, faces: np.ndarray) -> Any:
