@@ -7,6 +7,7 @@ import os
 
 import ray
 
+log = logging.getLogger(__name__)
 
 # Ray Train V2 holds a worker in `report` until its controller polls (every 2 s by default), which costs a
 # fine-tuning step of ~1 s up to 2 s per report; polling every 0.2 s makes reports cheap.
@@ -24,7 +25,15 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
             ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         else:
             # a fresh local instance; export RAY_ADDRESS=auto to join a `ray start` cluster instead
-            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, **kwargs)
+            for attempt in range(2):
+                try:
+                    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, **kwargs)
+                    break
+                except Exception as err:  # Ray gives its raylet a fixed 30 s to register; a busy laptop can miss it
+                    if attempt or "timed out during startup" not in str(err):
+                        raise
+                    log.warning("local Ray did not start in time (%s); starting it again", err)
+                    ray.shutdown()
     return ray.cluster_resources()
 
 
