@@ -86,8 +86,8 @@ def mesh_block_task(box: Box, seg_spec: dict[str, Any], mesh_kv: str, voxel_size
 
 def write_mesh_shard(shard: int, rows: np.ndarray, blocks: list[str], mesh_kv: str, sharding: dict[str, Any],
                      chunk_shape: list[float], grid_origin: list[float], lod_scale: float) -> int:
-    """Write one shard file from its rows (label, block, offset, size, node x, y, z), sorted by label: each
-    object's pieces in Z-curve order of their nodes, then its manifest; returns the number of objects."""
+    """Write one shard file from its rows (label, block, offset, size, node x, y, z): each object's pieces in
+    Z-curve order of their nodes, then its manifest; returns the number of objects."""
     kv = ts.KvStore.open(mesh_kv).result()
     rows = rows[np.lexsort((morton(rows[:, 4:7]), rows[:, 0]))]  # by label, then the Z-curve of its nodes
     batch = ts.Batch()  # the shard's pieces (its bytes, which the shard file holds anyway), read at once
@@ -140,7 +140,7 @@ def write_shards(mesh_kv: str, rows: np.ndarray, shards: np.ndarray, blocks: lis
     import ray
 
     written_before = set(_written_shards(ts.KvStore.open(mesh_kv).result()).tolist())
-    order = np.lexsort((rows[:, 0], shards))
+    order = np.argsort(shards, kind="stable")  # each shard's rows together (its task orders them by object)
     rows, shards = rows[order], shards[order]
     numbers, starts = np.unique(shards, return_index=True)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
