@@ -63,7 +63,6 @@ def simplify(mesh: Any, reduction_factor: int, max_error_nm: float | None) -> An
     the triangle target limits it). Open-border vertices are kept; vertices are a subset of the input's. A mesh
     the simplifier would remove entirely (a one-voxel object) is returned as it is."""
     import meshoptimizer
-    import zmesh
 
     index = np.ascontiguousarray(mesh.faces, dtype=np.uint32).reshape(-1)
     if index.size == 0:
@@ -77,8 +76,7 @@ def simplify(mesh: Any, reduction_factor: int, max_error_nm: float | None) -> An
                                options=options)
     if n == 0:
         return mesh
-    used, faces = np.unique(dest[:n], return_inverse=True)
-    return zmesh.Mesh(vertices[used], faces.reshape(-1, 3).astype(np.uint32), None)
+    return _compact(vertices, dest[:n].reshape(-1, 3))
 
 
 def block_pieces(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset_xyz: Sequence[int],
@@ -112,14 +110,15 @@ def block_pieces(labels_xyz: np.ndarray, voxel_size_xyz: Sequence[float], offset
 
 def _submesh(mesh: Any, keep: np.ndarray) -> Any:
     """The faces `keep` of `mesh`, with only the vertices they use."""
-    faces = mesh.faces[keep]
-    used = np.zeros(len(mesh.vertices), bool)
-    used[faces] = True
-    remap = np.cumsum(used) - 1
-    return _mesh(mesh.vertices[used], remap[faces])
+    return _compact(mesh.vertices, mesh.faces[keep])
 
 
-def _mesh(vertices: np.ndarray, faces: np.ndarray) -> Any:
+def _compact(vertices: np.ndarray, faces: np.ndarray) -> Any:
+    """A zmesh.Mesh of `faces` holding only the vertices they use (in their original order)."""
     import zmesh
 
-    return zmesh.Mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32), None)
+    used = np.zeros(len(vertices), bool)
+    used[faces] = True
+    remap = np.cumsum(used) - 1
+    return zmesh.Mesh(np.ascontiguousarray(vertices[used], np.float32),
+                      np.ascontiguousarray(remap[faces], np.uint32), None)
