@@ -35,28 +35,37 @@ def read_trials(sweep: Path) -> list[dict[str, Any]]:
              "val_iou": float(r["final_val_iou"])} for r in done_trials(sweep)]
 
 
-def score(ckpt: Path, member: Path, with_val: bool) -> dict[str, float]:
-    """Target IoU and morphology statistic of `ckpt` on member's target sample, as a trial scores a checkpoint; with
-    `with_val`, the IoU on member's held-out source slices too."""
-    import torch
-
-    from vemscale.checkpoint import load_checkpoint, read_meta
-    from vemscale.infer.predictor import grid_and_normalizer
+def target_of(member: Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """The target sample (image, labels) a trial scored its checkpoints on, its selection settings and train config."""
+    from vemscale.checkpoint import read_meta
     from vemscale.train import select as sel
-    from vemscale.train.data import load_labelled
-    from vemscale.train.loop import score_target, validate
 
-    torch.set_num_threads(2)
-    model, meta = load_checkpoint(ckpt)
-    cfg = read_meta(member).train_config
+    meta = read_meta(member)
+    cfg = meta.train_config
     selection = json.loads((member.parent / sel.RECORD_FILE).read_text())
-    grid, norm = grid_and_normalizer(meta)
     if cfg["target"].get("match_histogram"):
         raise SystemExit(f"{member}: an arm with target.match_histogram is not scored here (its table is not kept)")
     image, labels = sel.load_target(cfg["target"])
     s = {"method": selection["method"], "prior": selection["prior"], "threshold": cfg["selection"]["threshold"],
          "min_size": cfg["selection"]["min_size"], "objects": cfg["selection"].get("objects", "stack"),
          "class": sel.class_index(meta.classes, cfg["selection"].get("class_name"))}
+    return image, labels, s, cfg
+
+
+def score(ckpt: Path, member: Path, with_val: bool) -> dict[str, float]:
+    """Target IoU and morphology statistic of `ckpt` on member's target sample, as a trial scores a checkpoint; with
+    `with_val`, the IoU on member's held-out source slices too."""
+    import torch
+
+    from vemscale.checkpoint import load_checkpoint
+    from vemscale.infer.predictor import grid_and_normalizer
+    from vemscale.train.data import load_labelled
+    from vemscale.train.loop import score_target, validate
+
+    torch.set_num_threads(2)
+    model, meta = load_checkpoint(ckpt)
+    image, labels, s, cfg = target_of(member)
+    grid, norm = grid_and_normalizer(meta)
     batch = cfg["tiles"]["batch_size"]  # as the trial predicted it
     out = score_target(model, image, labels, s, grid, norm, "cpu", batch, meta.tta)
     if with_val:

@@ -91,6 +91,15 @@ def score_target(model, image: np.ndarray, labels: np.ndarray | None, sel: dict,
     """The selection statistics of one validation interval: the target sample predicted as inference does."""
     from vemscale.train.select import target_metrics
 
+    probs = predict_target(model, image, grid, normalizer, device, batch, tta)
+    cls = sel["class"]
+    return target_metrics(probs[cls], None if labels is None else labels == cls, sel["method"], sel["prior"],
+                          sel["threshold"], sel["min_size"], sel.get("objects", "stack"))
+
+
+def predict_target(model, image: np.ndarray, grid: TileGrid, normalizer: Normalizer, device, batch: int,
+                   tta: int = 1) -> np.ndarray:
+    """Class probabilities (C, Z, Y, X) of the target sample (C, Z, Y, X), predicted as inference does."""
     net = model.module if hasattr(model, "module") else model
     was_training = net.training
     net.eval()
@@ -99,9 +108,7 @@ def score_target(model, image: np.ndarray, labels: np.ndarray | None, sel: dict,
     probs = predict_block_xy(with_tta(net, tta), numpy_reader(image), box, shape, grid, normalizer, batch_size=batch,
                              device=device)
     net.train(was_training)
-    cls = sel["class"]
-    return target_metrics(probs[cls], None if labels is None else labels == cls, sel["method"], sel["prior"],
-                          sel["threshold"], sel["min_size"], sel.get("objects", "stack"))
+    return probs
 
 
 def build_meta(cfg: dict, model_spec: dict, it: int, metrics: dict) -> CheckpointMeta:

@@ -1,0 +1,147 @@
+"""Deep ensembles across settings of a cross-domain arm: k seeds of each setting (e.g. two pre-training lengths) as one
+mean-probability model, and how much of the domain-shift loss it recovers over every draw of seeds.
+
+A draw is "train k seeds of every setting, average them" (`vemscale ensemble` of all k x settings checkpoints): label-
+free, nothing is chosen by the target. Each member's target probabilities (its trial's target sample, predicted with
+the checkpoint's TTA exactly as the trial scored it) are computed once and cached under <out>/probs, so every draw is
+their mean, thresholded and scored as a trial scores a checkpoint (target labels only score). Each member's own IoU
+from its cache is checked against its trial's recorded target IoU. Per setting alone, every k-subset is scored too.
+The recovered share (IoU - source-only) / (reference - source-only) is against the single-seed line, as
+`crossdomain_select`: the pair's source-only target IoU and the other pair's source-only held-out IoU.
+
+    python -m vemscale.bench.crossdomain_mix --sweeps 1k=runs/crossdomain_mito_ens 1k=runs/crossdomain_mito_ens345 \\
+        1k=runs/crossdomain_mito_ens678 2k=runs/crossdomain_mito_2k_s012 --k 3 --out runs/mix_1k2k
+
+(the sweep commands and the figures: BENCHMARKS.md, "Ensembles across pre-training lengths"). Reports, never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics as st
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vemscale.bench.crossdomain_ensemble import read_trials, recovered, target_of
+from vemscale.bench.crossdomain_select import OTHER, draws
+
+
+def member_probs(out: Path, trial: dict[str, Any]) -> Path:
+    """The cached foreground probabilities (Z, Y, X, float32) of one trial's checkpoint on its target sample."""
+    import torch
+
+    from vemscale.checkpoint import load_checkpoint
+    from vemscale.infer.predictor import grid_and_normalizer
+    from vemscale.train.loop import predict_target
+
+    path = out / "probs" / trial["arm"] / f"{Path(trial['sweep']).name}_seed{trial['seed']}.npy"
+    if path.is_file():
+        return path
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    model, meta = load_checkpoint(trial["checkpoint"])
+    image, _, s, cfg = target_of(trial["checkpoint"])
+    grid, norm = grid_and_normalizer(meta)
+    probs = predict_target(model, image, grid, norm, "cpu", cfg["tiles"]["batch_size"], meta.tta)[s["class"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, probs.astype(np.float32))
+    tmp.replace(path)
+    print(f"{trial['arm']} {Path(trial['sweep']).name} seed {trial['seed']}: predicted in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def mean_metrics(paths: list[Path], labels: np.ndarray, s: dict[str, Any]) -> dict[str, float]:
+    """Target IoU and morphology distance of the members' mean probability, as a trial scores a checkpoint."""
+    from vemscale.train.select import target_metrics
+
+    total = None
+    for p in paths:
+        a = np.load(p)
+        total = a.astype(np.float64) if total is None else total + a
+    return target_metrics((total / len(paths)).astype(np.float32), labels == s["class"], s["method"], s["prior"],
+                          s["threshold"], s["min_size"], s["objects"])
+
+
+def arm_results(out: Path, arm: str, trials: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """Every draw of k seeds per setting as one ensemble; per setting, every k-subset alone; the members' checks."""
+    _, labels, s, _ = target_of(trials[0]["checkpoint"])
+    cache = {id(t): member_probs(out, t) for t in trials}
+    checks = []
+    for t in trials:
+        own = mean_metrics([cache[id(t)]], labels, s)["target_iou"]
+        checks.append({"setting": t["setting"], "seed": t["seed"], "sweep": Path(t["sweep"]).name, "trial": t["target_iou"],
+                       "from_cache": own, "equal": abs(own - t["target_iou"]) < 1e-9})
+    mixed = [mean_metrics([cache[id(t)] for t in d], labels, s)["target_iou"] for d in draws(trials, k)]
+    alone = {}
+    for g in sorted({t["setting"] for t in trials}):
+        ts = [t for t in trials if t["setting"] == g]
+        alone[g] = [mean_metrics([cache[id(t)] for t in sub], labels, s)["target_iou"]
+                    for sub in itertools.combinations(ts, k)]
+    return {"k": k, "draws": len(mixed), "single": st.mean(t["target_iou"] for t in trials),
+            "single_by_setting": {g: st.mean(t["target_iou"] for t in trials if t["setting"] == g) for g in alone},
+            "mix": st.mean(mixed), "mix_min": min(mixed), "mix_max": max(mixed),
+            "mix_above_line": None, "alone": {g: {"mean": st.mean(v), "min": min(v), "max": max(v), "n": len(v)}
+                                              for g, v in alone.items()},
+            "mixed_draws": mixed, "checks": checks}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweeps", nargs="+", required=True, help="LABEL=DIR sweep run_dirs; k seeds of each label per draw")
+    p.add_argument("--k", type=int, default=3, help="seeds of each setting per ensemble")
+    p.add_argument("--arms", nargs="*", default=None, help="only these arms (default: every arm that is not source_only)")
+    p.add_argument("--out", type=Path, required=True, help="probability cache, results.json and results.md")
+    args = p.parse_args(argv)
+    if args.k < 1:
+        raise SystemExit("--k must be at least 1")
+    labelled = [entry.split("=", 1) if "=" in entry else ("", entry) for entry in args.sweeps]
+    trials = [{**t, "setting": label} for label, d in labelled for t in read_trials(Path(d))]
+    by_arm: dict[str, list[dict]] = {}
+    for t in sorted(trials, key=lambda t: (t["arm"], t["setting"], t["sweep"], t["seed"])):
+        by_arm.setdefault(t["arm"], []).append(t)
+    results: dict[str, Any] = {}
+    lines = [f"| arm | seeds per setting | single seed (by setting) | ensemble of {args.k} per setting alone (mean over "
+             f"subsets) | ensemble of {args.k} of every setting (mean over draws, min-max) | recovered: single / "
+             "mixed ensemble | draws above half |", "|---|---|---|---|---|---|---|"]
+    for arm, ts in by_arm.items():
+        if arm.endswith(".source_only") or (args.arms and arm not in args.arms):
+            continue
+        counts = {g: sum(t["setting"] == g for t in ts) for g in {t["setting"] for t in ts}}
+        if min(counts.values()) < args.k:
+            print(f"{arm}: skipped (a setting with fewer than {args.k} seeds: {counts})")
+            continue
+        r = results[arm] = arm_results(args.out, arm, ts, args.k)
+        pair = arm.split(".")[0]
+        so, ref = by_arm.get(f"{pair}.source_only"), by_arm.get(f"{OTHER.get(pair)}.source_only")
+        rec1 = recM = above = ""
+        if so and ref:
+            so_iou, ref_iou = st.mean(t["target_iou"] for t in so), st.mean(t["val_iou"] for t in ref)
+            line = (so_iou + ref_iou) / 2
+            r.update(source_only=so_iou, reference=ref_iou, half_line=line,
+                     mix_recovered=(r["mix"] - so_iou) / (ref_iou - so_iou),
+                     mix_above_line=sum(v >= line for v in r["mixed_draws"]) / len(r["mixed_draws"]))
+            rec1, recM = recovered(r["single"], so_iou, ref_iou), recovered(r["mix"], so_iou, ref_iou)
+            above = f"{r['mix_above_line']:.0%} (line {line:.3f})"
+        by_set = ", ".join(f"{g} {v:.3f}" for g, v in r["single_by_setting"].items())
+        alone = ", ".join(f"{g} {v['mean']:.3f} ({v['min']:.3f}-{v['max']:.3f})" for g, v in r["alone"].items())
+        lines.append(f"| {arm} | {', '.join(f'{g}: {c}' for g, c in sorted(counts.items()))} | {by_set} | {alone} | "
+                     f"**{r['mix']:.3f}** ({r['mix_min']:.3f}-{r['mix_max']:.3f}) | {rec1} / **{recM}** | {above} |")
+        bad = [c for c in r["checks"] if not c["equal"]]
+        print(f"{arm}: {len(r['checks']) - len(bad)} of {len(r['checks'])} members reproduce their trial's target IoU"
+              + (f"; differ: {bad}" if bad else ""), flush=True)
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
