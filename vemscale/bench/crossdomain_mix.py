@@ -69,8 +69,9 @@ def mean_metrics(paths: list[Path], labels: np.ndarray, s: dict[str, Any]) -> di
                           s["threshold"], s["min_size"], s["objects"])
 
 
-def arm_results(out: Path, arm: str, trials: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """Every draw of k seeds per setting as one ensemble; per setting, every k-subset alone; the members' checks."""
+def arm_results(out: Path, arm: str, trials: list[dict[str, Any]], k: int, sample: int | None = None) -> dict[str, Any]:
+    """Every draw of k seeds per setting as one ensemble (or a seeded random `sample` of them); per setting, every
+    k-subset alone; the members' checks."""
     _, labels, s, _ = target_of(trials[0]["checkpoint"])
     cache = {id(t): member_probs(out, t) for t in trials}
     checks = []
@@ -78,7 +79,12 @@ def arm_results(out: Path, arm: str, trials: list[dict[str, Any]], k: int) -> di
         own = mean_metrics([cache[id(t)]], labels, s)["target_iou"]
         checks.append({"setting": t["setting"], "seed": t["seed"], "sweep": Path(t["sweep"]).name, "trial": t["target_iou"],
                        "from_cache": own, "equal": abs(own - t["target_iou"]) < 1e-9})
-    mixed = [mean_metrics([cache[id(t)] for t in d], labels, s)["target_iou"] for d in draws(trials, k)]
+    every = draws(trials, k)
+    if sample and sample < len(every):
+        import random
+
+        every = random.Random(0).sample(every, sample)
+    mixed = [mean_metrics([cache[id(t)] for t in d], labels, s)["target_iou"] for d in every]
     alone = {}
     for g in sorted({t["setting"] for t in trials}):
         ts = [t for t in trials if t["setting"] == g]
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", nargs="+", required=True, help="LABEL=DIR sweep run_dirs; k seeds of each label per draw")
     p.add_argument("--k", type=int, default=3, help="seeds of each setting per ensemble")
+    p.add_argument("--sample", type=int, default=None, help="score a seeded random sample of this many draws")
     p.add_argument("--arms", nargs="*", default=None, help="only these arms (default: every arm that is not source_only)")
     p.add_argument("--out", type=Path, required=True, help="probability cache, results.json and results.md")
     args = p.parse_args(argv)
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if min(counts.values()) < args.k:
             print(f"{arm}: skipped (a setting with fewer than {args.k} seeds: {counts})")
             continue
-        r = results[arm] = arm_results(args.out, arm, ts, args.k)
+        r = results[arm] = arm_results(args.out, arm, ts, args.k, args.sample)
         pair = arm.split(".")[0]
         so, ref = by_arm.get(f"{pair}.source_only"), by_arm.get(f"{OTHER.get(pair)}.source_only")
         rec1 = recM = above = ""
