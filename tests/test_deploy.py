@@ -233,7 +233,7 @@ def test_working_dir_package_is_small_and_holds_what_jobs_need():
     assert size < 5 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray's limit is 100 MiB
     assert {"jobs/infer.py", "jobs/finetune.py", "configs/infer.yaml", "vemscale/__init__.py"} <= set(names)
     tops = {n.split("/")[0] for n in names}
-    assert not tops & {".venv", ".git", "runs", "tests", "deploy", ".pytest_cache"}
+    assert not tops & {".venv", ".git", "runs", "tests", "deploy", "docs", ".pytest_cache"}
     assert not any(n.endswith(".pyc") or ".zarr/" in n for n in names)
 
 

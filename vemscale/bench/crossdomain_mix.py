@@ -3,11 +3,12 @@ mean-probability model, and how much of the domain-shift loss it recovers over e
 
 A draw is "train k seeds of every setting, average them" (`vemscale ensemble` of all k x settings checkpoints): label-
 free, nothing is chosen by the target. Each member's target probabilities (its trial's target sample, predicted with
-the checkpoint's TTA exactly as the trial scored it) are computed once and cached under <out>/probs, so every draw is
-their mean, thresholded and scored as a trial scores a checkpoint (target labels only score). Each member's own IoU
-from its cache is checked against its trial's recorded target IoU. Per setting alone, every k-subset is scored too.
-The recovered share (IoU - source-only) / (reference - source-only) is against the single-seed line, as
-`crossdomain_select`: the pair's source-only target IoU and the other pair's source-only held-out IoU.
+the checkpoint's TTA exactly as the trial scored it) are computed once and cached (`--cache`, default <out>/probs), so
+every draw is their mean (what the ensemble checkpoint predicts, TTA included: tests/test_ensemble.py), thresholded
+and scored as a trial scores a checkpoint (target labels only score). Each member's own IoU from its cache is checked
+against its trial's recorded target IoU. Per setting alone, every k-subset is scored too. The recovered share
+(IoU - source-only) / (reference - source-only) is against the single-seed line, as `crossdomain_select`: the pair's
+source-only target IoU and the other pair's source-only held-out IoU.
 
     python -m vemscale.bench.crossdomain_mix --sweeps 1k=runs/crossdomain_mito_ens 1k=runs/crossdomain_mito_ens345 \\
         1k=runs/crossdomain_mito_ens678 2k=runs/crossdomain_mito_2k_s012 --k 3 --out runs/mix_1k2k
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import statistics as st
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ from vemscale.bench.crossdomain_ensemble import read_trials, recovered, target_o
 from vemscale.bench.crossdomain_select import OTHER, draws
 
 
-def member_probs(out: Path, trial: dict[str, Any]) -> Path:
+def member_probs(cache: Path, trial: dict[str, Any]) -> Path:
     """The cached foreground probabilities (Z, Y, X, float32) of one trial's checkpoint on its target sample."""
     import torch
 
@@ -39,7 +41,7 @@ def member_probs(out: Path, trial: dict[str, Any]) -> Path:
     from vemscale.infer.predictor import grid_and_normalizer
     from vemscale.train.loop import predict_target
 
-    path = out / "probs" / trial["arm"] / f"{Path(trial['sweep']).name}_seed{trial['seed']}.npy"
+    path = cache / trial["arm"] / f"{Path(trial['sweep']).name}_seed{trial['seed']}.npy"
     if path.is_file():
         return path
     torch.set_num_threads(2)
@@ -69,26 +71,25 @@ def mean_metrics(paths: list[Path], labels: np.ndarray, s: dict[str, Any]) -> di
                           s["threshold"], s["min_size"], s["objects"])
 
 
-def arm_results(out: Path, arm: str, trials: list[dict[str, Any]], k: int, sample: int | None = None) -> dict[str, Any]:
+def arm_results(cache: Path, arm: str, trials: list[dict[str, Any]], k: int,
+                sample: int | None = None) -> dict[str, Any]:
     """Every draw of k seeds per setting as one ensemble (or a seeded random `sample` of them); per setting, every
     k-subset alone; the members' checks."""
     _, labels, s, _ = target_of(trials[0]["checkpoint"])
-    cache = {id(t): member_probs(out, t) for t in trials}
+    probs = {id(t): member_probs(cache, t) for t in trials}
     checks = []
     for t in trials:
-        own = mean_metrics([cache[id(t)]], labels, s)["target_iou"]
-        checks.append({"setting": t["setting"], "seed": t["seed"], "sweep": Path(t["sweep"]).name, "trial": t["target_iou"],
-                       "from_cache": own, "equal": abs(own - t["target_iou"]) < 1e-9})
+        own = mean_metrics([probs[id(t)]], labels, s)["target_iou"]
+        checks.append({"setting": t["setting"], "seed": t["seed"], "sweep": Path(t["sweep"]).name,
+                       "trial": t["target_iou"], "from_cache": own, "equal": abs(own - t["target_iou"]) < 1e-9})
     every = draws(trials, k)
     if sample and sample < len(every):
-        import random
-
         every = random.Random(0).sample(every, sample)
-    mixed = [mean_metrics([cache[id(t)] for t in d], labels, s)["target_iou"] for d in every]
+    mixed = [mean_metrics([probs[id(t)] for t in d], labels, s)["target_iou"] for d in every]
     alone = {}
     for g in sorted({t["setting"] for t in trials}):
         ts = [t for t in trials if t["setting"] == g]
-        alone[g] = [mean_metrics([cache[id(t)] for t in sub], labels, s)["target_iou"]
+        alone[g] = [mean_metrics([probs[id(t)] for t in sub], labels, s)["target_iou"]
                     for sub in itertools.combinations(ts, k)]
     return {"k": k, "draws": len(mixed), "single": st.mean(t["target_iou"] for t in trials),
             "single_by_setting": {g: st.mean(t["target_iou"] for t in trials if t["setting"] == g) for g in alone},
@@ -100,11 +101,14 @@ def arm_results(out: Path, arm: str, trials: list[dict[str, Any]], k: int, sampl
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweeps", nargs="+", required=True, help="LABEL=DIR sweep run_dirs; k seeds of each label per draw")
+    p.add_argument("--sweeps", nargs="+", required=True,
+                   help="LABEL=DIR sweep run_dirs; k seeds of each label per draw")
     p.add_argument("--k", type=int, default=3, help="seeds of each setting per ensemble")
     p.add_argument("--sample", type=int, default=None, help="score a seeded random sample of this many draws")
-    p.add_argument("--arms", nargs="*", default=None, help="only these arms (default: every arm that is not source_only)")
-    p.add_argument("--out", type=Path, required=True, help="probability cache, results.json and results.md")
+    p.add_argument("--arms", nargs="*", default=None,
+                   help="only these arms (default: every arm that is not source_only)")
+    p.add_argument("--out", type=Path, required=True, help="results.json and results.md (and the cache by default)")
+    p.add_argument("--cache", type=Path, default=None, help="member probabilities, shared between runs (<out>/probs)")
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be at least 1")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if min(counts.values()) < args.k:
             print(f"{arm}: skipped (a setting with fewer than {args.k} seeds: {counts})")
             continue
-        r = results[arm] = arm_results(args.out, arm, ts, args.k, args.sample)
+        r = results[arm] = arm_results(args.cache or args.out / "probs", arm, ts, args.k, args.sample)
         pair = arm.split(".")[0]
         so, ref = by_arm.get(f"{pair}.source_only"), by_arm.get(f"{OTHER.get(pair)}.source_only")
         rec1 = recM = above = ""
