@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import statistics as st
 import time
@@ -29,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from vemscale.bench.crossdomain_ensemble import read_trials, recovered, target_of
-from vemscale.bench.crossdomain_select import OTHER, draws
+from vemscale.bench.crossdomain_ensemble import recovered, target_of
+from vemscale.bench.crossdomain_select import draws, loss_line, trials_by_arm, write_results
 
 
 def member_probs(cache: Path, trial: dict[str, Any]) -> Path:
@@ -112,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be at least 1")
-    labelled = [entry.split("=", 1) if "=" in entry else ("", entry) for entry in args.sweeps]
-    trials = [{**t, "setting": label} for label, d in labelled for t in read_trials(Path(d))]
-    by_arm: dict[str, list[dict]] = {}
-    for t in sorted(trials, key=lambda t: (t["arm"], t["setting"], t["sweep"], t["seed"])):
-        by_arm.setdefault(t["arm"], []).append(t)
+    by_arm = trials_by_arm(args.sweeps)
     results: dict[str, Any] = {}
     lines = [f"| arm | seeds per setting | single seed (by setting) | ensemble of {args.k} per setting alone (mean over "
              f"subsets) | ensemble of {args.k} of every setting (mean over draws, min-max) | recovered: single / "
@@ -130,10 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         r = results[arm] = arm_results(args.cache or args.out / "probs", arm, ts, args.k, args.sample)
         pair = arm.split(".")[0]
-        so, ref = by_arm.get(f"{pair}.source_only"), by_arm.get(f"{OTHER.get(pair)}.source_only")
         rec1 = recM = above = ""
-        if so and ref:
-            so_iou, ref_iou = st.mean(t["target_iou"] for t in so), st.mean(t["val_iou"] for t in ref)
+        if (loss := loss_line(by_arm, pair)) is not None:
+            so_iou, ref_iou = loss
             line = (so_iou + ref_iou) / 2
             r.update(source_only=so_iou, reference=ref_iou, half_line=line,
                      mix_recovered=(r["mix"] - so_iou) / (ref_iou - so_iou),
@@ -148,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{arm}: {len(r['checks']) - len(bad)} of {len(r['checks'])} members reproduce their trial's target IoU"
               + (f"; differ: {bad}" if bad else ""), flush=True)
     print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results, lines)
     return results
 
 

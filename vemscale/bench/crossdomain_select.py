@@ -65,6 +65,32 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic) if len(x) > 2 else float("nan")
 
 
+def trials_by_arm(entries: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The DONE trials of sweeps given as `DIR` or `LABEL=DIR` (the label is their setting), by arm, in (setting,
+    sweep, seed) order."""
+    labelled = [entry.split("=", 1) if "=" in entry else ("", entry) for entry in entries]
+    trials = [{**t, "setting": label} for label, d in labelled for t in read_trials(Path(d))]
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for t in sorted(trials, key=lambda t: (t["arm"], t["setting"], t["sweep"], t["seed"])):
+        by_arm.setdefault(t["arm"], []).append(t)
+    return by_arm
+
+
+def loss_line(by_arm: dict[str, list[dict[str, Any]]], pair: str) -> tuple[float, float] | None:
+    """The pair's source-only target IoU (last checkpoint, mean over seeds) and its target-trained reference: the
+    other pair's source-only val IoU (e.g. cdeep3m_to_vnc's val is CDeep3M trained and tested on CDeep3M)."""
+    so, ref = by_arm.get(f"{pair}.source_only"), by_arm.get(f"{OTHER.get(pair)}.source_only")
+    if not so or not ref:
+        return None
+    return st.mean(t["target_iou"] for t in so), st.mean(t["val_iou"] for t in ref)
+
+
+def write_results(out: Path, results: dict[str, Any], lines: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", nargs="+", required=True,
@@ -74,11 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be at least 1")
-    labelled = [entry.split("=", 1) if "=" in entry else ("", entry) for entry in args.sweeps]
-    trials = [{**t, "setting": label} for label, d in labelled for t in read_trials(Path(d))]
-    by_arm: dict[str, list[dict]] = {}
-    for t in sorted(trials, key=lambda t: (t["arm"], t["sweep"], t["seed"])):
-        by_arm.setdefault(t["arm"], []).append(t)
+    by_arm = trials_by_arm(args.sweeps)
     arms: dict[str, list[dict]] = {}  # the arms whose every trial kept a selection record with target IoUs
     for arm, ts in by_arm.items():
         if all(sel.read_record(t["checkpoint"].parent).get("chosen_target_iou") is not None for t in ts):
@@ -96,10 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = results[arm] = subsets(cands, args.k)
         pair = arm.split(".")[0]
         # as crossdomain_ensemble: source-only's last-checkpoint target IoU, the other pair's source-only val IoU
-        so, ref = by_arm.get(f"{pair}.source_only"), by_arm.get(f"{OTHER.get(pair)}.source_only")
         rec1 = recK = ""
-        if so and ref:
-            so_iou, ref_iou = st.mean(t["target_iou"] for t in so), st.mean(t["val_iou"] for t in ref)
+        if (line := loss_line(by_arm, pair)) is not None:
+            so_iou, ref_iou = line
             r.update(source_only=so_iou, reference=ref_iou)
             rec1, recK = recovered(r["single"], so_iou, ref_iou), recovered(r["pick"], so_iou, ref_iou)
         lines.append(f"| {arm} | {r['n_seeds']} | {r['single']:.3f} ± {r['single_std']:.3f} | {rec1} | {r['pick']:.3f} "
@@ -107,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"| {r['spearman_distance_iou']:+.2f} |")
     print("\n".join(lines))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+        write_results(args.out, results, lines)
     return results
 
 
