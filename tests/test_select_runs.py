@@ -136,3 +136,17 @@ def test_selection_bench_draws_k_seeds_of_every_setting():
     assert len({tuple(c["seed"] for c in d) for d in mixed}) == len(mixed)
     one = [{**c, "setting": ""} for c in pool]
     assert [[c["seed"] for c in d] for d in draws(one, 3)] == [list(t) for t in itertools.combinations(range(7), 3)]
+
+
+def test_mix_bench_takes_recorded_loss_lines_and_rejects_bad_ones():
+    """`crossdomain_mix --line PAIR=SOURCE_ONLY,REFERENCE`: recorded lines for sweeps without source-only arms."""
+    from vemscale.bench.crossdomain_mix import parse_lines
+
+    assert parse_lines(["vnc_to_cdeep3m=0.12,0.49", "cdeep3m_to_vnc=0.059,0.726"]) == {
+        "vnc_to_cdeep3m": (0.12, 0.49), "cdeep3m_to_vnc": (0.059, 0.726)}
+    for bad, message in [("vnc_to_cdeep3m=0.12", "PAIR=SOURCE_ONLY,REFERENCE"),
+                         ("vnc_to_cdeep3m", "PAIR=SOURCE_ONLY,REFERENCE"),
+                         ("vnc_to_cdeep3m=0.5,0.4", "source-only < reference"),
+                         ("vnc_to_cdeep3m=0.1,1.4", "source-only < reference")]:
+        with pytest.raises(SystemExit, match=message):
+            parse_lines([bad])

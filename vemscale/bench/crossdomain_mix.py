@@ -98,6 +98,21 @@ def arm_results(cache: Path, arm: str, trials: list[dict[str, Any]], k: int,
             "mixed_draws": mixed, "checks": checks}
 
 
+def parse_lines(entries: list[str]) -> dict[str, tuple[float, float]]:
+    """`PAIR=SOURCE_ONLY,REFERENCE` entries as {pair: (source-only IoU, reference IoU)}; a clear error otherwise."""
+    out = {}
+    for entry in entries:
+        pair, _, values = entry.partition("=")
+        try:
+            so_iou, ref_iou = (float(v) for v in values.split(","))
+        except ValueError:
+            raise SystemExit(f"--line {entry!r}: expected PAIR=SOURCE_ONLY,REFERENCE, e.g. vnc_to_cdeep3m=0.12,0.49")
+        if not 0 <= so_iou < ref_iou <= 1:
+            raise SystemExit(f"--line {entry!r}: need 0 <= source-only < reference <= 1")
+        out[pair] = (so_iou, ref_iou)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", nargs="+", required=True,
@@ -108,9 +123,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="only these arms (default: every arm that is not source_only)")
     p.add_argument("--out", type=Path, required=True, help="results.json and results.md (and the cache by default)")
     p.add_argument("--cache", type=Path, default=None, help="member probabilities, shared between runs (<out>/probs)")
+    p.add_argument("--line", nargs="*", default=[], metavar="PAIR=SOURCE_ONLY,REFERENCE",
+                   help="a pair's recorded source-only target IoU and target-trained reference, for sweeps without "
+                        "source_only arms (e.g. vnc_to_cdeep3m=0.1208,0.4872); overrides the sweeps' own")
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be at least 1")
+    given = parse_lines(args.line)
     by_arm = trials_by_arm(args.sweeps)
     results: dict[str, Any] = {}
     lines = [f"| arm | seeds per setting | single seed (by setting) | ensemble of {args.k} per setting alone (mean over "
@@ -126,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = results[arm] = arm_results(args.cache or args.out / "probs", arm, ts, args.k, args.sample)
         pair = arm.split(".")[0]
         rec1 = recM = above = ""
-        if (loss := loss_line(by_arm, pair)) is not None:
+        if (loss := given.get(pair) or loss_line(by_arm, pair)) is not None:
             so_iou, ref_iou = loss
             line = (so_iou + ref_iou) / 2
             r.update(source_only=so_iou, reference=ref_iou, half_line=line,
