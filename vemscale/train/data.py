@@ -12,6 +12,9 @@ import numpy as np
 
 from vemscale.errors import UserError
 
+# the label id of pixels the loss skips: pseudo-labels a teacher was not confident about (`load_labelled`)
+IGNORE = 255
+
 
 def parse_range(text: str | None, size: int, what: str = "slices") -> slice:
     """'a:b' (either side optional, negatives from the end) -> slice within [0, size); None -> everything."""
@@ -39,16 +42,40 @@ class LabelledStack:
     labels: np.ndarray
     name: str
     voxel_size_xyz: tuple[float, float, float] | None
+    weight: float = 1.0  # crops are drawn in proportion to labelled voxels x weight
+    pseudo: bool = False  # labels are a teacher's pseudo-labels (IGNORE where it was unsure)
 
 
-def load_labelled(image_url: str, labels_url: str, slices: str | None, num_classes: int) -> LabelledStack:
-    """Read the z range `slices` of an image and its labels, failing clearly on any mismatch."""
+def pseudo_labels(probs: np.ndarray, confidence: float) -> np.ndarray:
+    """Class probabilities (K, Z, Y, X; uint8 = round(p * 255) as infer writes them, or float in [0, 1]) ->
+    the most probable class (uint8), IGNORE where that class's probability is below `confidence`."""
+    p = np.asarray(probs)
+    top = p.max(axis=0)
+    sure = top >= (np.ceil(confidence * 255 - 1e-6) if p.dtype == np.uint8 else confidence)
+    return np.where(sure, p.argmax(axis=0), IGNORE).astype(np.uint8)
+
+
+def load_labelled(image_url: str, labels_url: str, slices: str | None, num_classes: int,
+                  pseudo: float | None = None, weight: float = 1.0) -> LabelledStack:
+    """Read the z range `slices` of an image and its labels, failing clearly on any mismatch.
+
+    With `pseudo`, `labels_url` is a class-probability volume (c, z, y, x: a `vemscale infer` output's
+    probabilities, one channel per class) and the labels are `pseudo_labels(probs, pseudo)`: self-training on a
+    volume without manual labels, from a teacher's predictions."""
     from vemscale.io.volume import open_volume
 
     img = open_volume(image_url)
     lab = open_volume(labels_url)
     img_zyx = img.shape[-3:] if img.ndim >= 3 else (1,) + tuple(img.shape)
     lab_zyx = lab.shape[-3:] if lab.ndim >= 3 else (1,) + tuple(lab.shape)
+    if pseudo is not None:
+        if lab.ndim != 4 or lab.shape[0] != num_classes:
+            raise UserError(f"pseudo-labels {labels_url!r} must be class probabilities (c,z,y,x) with one channel per "
+                            f"class ({num_classes}), e.g. a vemscale infer output's probabilities; got shape "
+                            f"{tuple(lab.shape)}")
+        if lab.dtype != np.uint8 and not np.issubdtype(lab.dtype, np.floating):
+            raise UserError(f"pseudo-labels {labels_url!r} have dtype {lab.dtype}; expected uint8 (p x 255, as infer "
+                            "writes) or float probabilities")
     if tuple(img_zyx) != tuple(lab_zyx):
         raise UserError(
             f"labels {labels_url!r} have shape {tuple(lab.shape)} (z,y,x) but image {image_url!r} has {tuple(img.shape)}; "
@@ -59,6 +86,10 @@ def load_labelled(image_url: str, labels_url: str, slices: str | None, num_class
     zs = parse_range(slices, img_zyx[0])
     image = img.read((slice(None),) * (img.ndim - 3) + (zs,)) if img.ndim >= 3 else img.read()[None]
     image = image if image.ndim == 4 else image[None]
+    if pseudo is not None:
+        labels = pseudo_labels(lab.read((slice(None), zs)), pseudo)
+        return LabelledStack(image, labels, f"{image_url}[{zs.start}:{zs.stop}] (pseudo-labels)", img.voxel_size_xyz,
+                             weight, True)
     labels = lab.read((zs,)) if lab.ndim >= 3 else lab.read()[None]
     labels = np.asarray(labels)
     top = int(labels.max()) if labels.size else 0
@@ -68,7 +99,8 @@ def load_labelled(image_url: str, labels_url: str, slices: str | None, num_class
             f"labels {labels_url!r} hold values {found[:10].tolist()} but the config declares {num_classes} classes "
             f"(ids 0..{num_classes - 1}); fix data.classes or the labels"
         )
-    return LabelledStack(image, labels.astype(np.uint8), f"{image_url}[{zs.start}:{zs.stop}]", img.voxel_size_xyz)
+    return LabelledStack(image, labels.astype(np.uint8), f"{image_url}[{zs.start}:{zs.stop}]", img.voxel_size_xyz,
+                         weight)
 
 
 def dtype_scale(dtype: np.dtype) -> float:
@@ -117,7 +149,7 @@ class CropSampler:
 
         # histogram matching as an augmentation: a crop is matched to `match` with probability match_p
         self.match, self.match_p = (Histogram.from_dict(match) if match else None), float(match_p)
-        sizes = np.array([st.labels.size for st in stacks], np.float64)
+        sizes = np.array([st.labels.size * st.weight for st in stacks], np.float64)
         self.p = sizes / sizes.sum()
         self.rng = np.random.default_rng(seed)
         # albumentations CropNonEmptyMaskIfExists: with p_foreground, a crop around a random labelled pixel
@@ -147,7 +179,7 @@ class CropSampler:
             y = int(self.rng.integers(h - t + 1))
             x = int(self.rng.integers(w - t + 1))
             if self.p_foreground > 0 and self.rng.random() < self.p_foreground:
-                fg = np.flatnonzero(lab)
+                fg = np.flatnonzero((lab > 0) & (lab != IGNORE))
                 if len(fg):  # a random labelled pixel, then a random crop that holds it
                     py, px = divmod(int(fg[int(self.rng.integers(len(fg)))]), w)
                     y = int(self.rng.integers(max(0, py - t + 1), min(py, h - t) + 1))

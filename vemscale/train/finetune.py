@@ -31,6 +31,17 @@ class LabelledVolume(Strict):
     image: str
     labels: str
     slices: str | None = None  # "z0:z1"; all slices when omitted
+    # self-training: `labels` is a teacher's class probabilities (a `vemscale infer` output's probabilities, e.g.
+    # a model or `vemscale ensemble` run on an unlabeled target volume); a pixel is labelled with its most
+    # probable class where that probability is >= pseudo, and skipped by the loss elsewhere
+    pseudo: float | None = Field(None, gt=0, le=1)
+    weight: float = Field(1.0, gt=0)  # crops are drawn in proportion to labelled voxels x weight
+
+    def load(self, num_classes: int):
+        """The chosen slices and their labels (`vemscale.train.data.load_labelled`)."""
+        from vemscale.train.data import load_labelled
+
+        return load_labelled(self.image, self.labels, self.slices, num_classes, self.pseudo, self.weight)
 
 
 class DataConfig(Strict):
@@ -47,6 +58,13 @@ class DataConfig(Strict):
     match_histogram: str | None = None
     match_histogram_p: float = Field(0.5, ge=0, le=1)
     std: list[float] | None = None
+
+    @field_validator("val")
+    @classmethod
+    def _val_has_true_labels(cls, v: list[LabelledVolume]) -> list[LabelledVolume]:
+        if any(s.pseudo is not None for s in v):
+            raise ValueError("data.val scores the model, so it needs manual labels: pseudo-labels belong in data.train")
+        return v
 
     @field_validator("classes")
     @classmethod
@@ -216,14 +234,14 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
 def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     """Check every input and derive what workers need (normalisation, voxel size) before training starts."""
     from vemscale.models import create_model
-    from vemscale.train.data import channel_stats, dtype_scale, load_labelled
+    from vemscale.train.data import channel_stats, dtype_scale
 
     if not cfg.data.train:
         raise UserError("the training set is empty: list labelled volumes under data.train (image, labels, slices)")
     create_model(cfg.model.name, num_classes=len(cfg.data.classes), **cfg.model.kwargs)  # name check, early
     k = len(cfg.data.classes)
-    stacks = [load_labelled(s.image, s.labels, s.slices, k) for s in cfg.data.train]
-    val = [load_labelled(s.image, s.labels, s.slices, k) for s in cfg.data.val]
+    stacks = [s.load(k) for s in cfg.data.train]
+    val = [s.load(k) for s in cfg.data.val]
     reference = None
     if cfg.data.match_histogram:
         from vemscale.io.histogram import reference_histogram
@@ -278,7 +296,11 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
         method = "morphology" if cfg.select == "last" else cfg.select  # last: recorded, never copied
         prior = cfg.selection.prior
         if prior is None:
-            prior = sel.source_prior(stacks, cls, method, cfg.selection.min_size, cfg.selection.objects)
+            manual = [st for st in stacks if not st.pseudo]  # the prior describes the source's own labels
+            if not manual:
+                raise UserError(f"select={cfg.select}: every training volume has pseudo-labels, so there is no source "
+                                "prior to measure; set selection.prior or add the labelled source to data.train")
+            prior = sel.source_prior(manual, cls, method, cfg.selection.min_size, cfg.selection.objects)
         selection = {"method": method, "choose": cfg.select != "last", "prior": float(prior), "class": cls,
                      "threshold": cfg.selection.threshold, "min_size": cfg.selection.min_size,
                      "objects": cfg.selection.objects, "lut": None}

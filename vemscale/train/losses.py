@@ -1,16 +1,36 @@
-"""Segmentation losses: cross-entropy plus soft Dice over the foreground classes."""
+"""Segmentation losses: cross-entropy plus soft Dice over the foreground classes.
+
+Pixels labelled `IGNORE` (255: pseudo-labels a teacher was unsure of) count in neither term."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from vemscale.train.data import IGNORE
+
+
+def _probs_onehot(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and one-hot targets (B,K,H,W), both zero at IGNORE pixels."""
+    k = logits.shape[1]
+    probs = torch.softmax(logits.float(), dim=1)
+    valid = target != IGNORE
+    onehot = F.one_hot(torch.where(valid, target, 0), k).permute(0, 3, 1, 2).to(probs)
+    keep = valid.unsqueeze(1).to(probs)
+    return probs * keep, onehot * keep
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels not labelled IGNORE (0, with gradients, when there are none)."""
+    if not bool((target != IGNORE).any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - mean soft Dice of the foreground classes (1..K-1), pooled over the batch."""
     k = logits.shape[1]
-    probs = torch.softmax(logits.float(), dim=1)
-    onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(probs)
+    probs, onehot = _probs_onehot(logits, target)
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
@@ -24,8 +44,7 @@ def retina_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5
     plain sums), more classes its multi-class DiceLoss (squared sums in the denominator, averaged over every
     class, background included); each pooled over the batch, smooth 1e-5."""
     k = logits.shape[1]
-    probs = torch.softmax(logits.float(), dim=1)
-    onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(probs)
+    probs, onehot = _probs_onehot(logits, target)
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     if k == 2:
@@ -33,7 +52,7 @@ def retina_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5
     else:
         dice = (2 * inter + smooth) / ((probs * probs).sum(dims) + onehot.sum(dims) + smooth)
         dice_loss = (1 - dice).mean()
-    return 0.5 * F.cross_entropy(logits.float(), target) + 0.5 * dice_loss
+    return 0.5 * cross_entropy(logits, target) + 0.5 * dice_loss
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce_dice") -> torch.Tensor:
@@ -41,7 +60,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "c
     if kind == "retina":
         return retina_loss(logits, target)
     if kind == "ce":
-        return F.cross_entropy(logits.float(), target)
+        return cross_entropy(logits, target)
     if kind == "dice":
         return soft_dice_loss(logits, target)
-    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target)
+    return cross_entropy(logits, target) + soft_dice_loss(logits, target)
