@@ -58,6 +58,14 @@ def test_pseudo_labels_take_the_confident_class_and_ignore_the_rest(tmp_path):
     st = load_labelled(str(tmp_path / "img.tif"), url, "1:3", 2, pseudo=0.8, weight=2.5)
     assert st.pseudo and st.weight == 2.5 and np.array_equal(st.image[0], img[1:3])
     assert np.array_equal(st.labels, _reference_pseudo(q[:, 1:3] / 255.0, 0.8))
+    # float probabilities on disk too; logits by mistake are refused
+    f = np.stack([1 - p, p]).astype(np.float32)
+    st = load_labelled(str(tmp_path / "img.tif"), _write_probs(tmp_path / "f.zarr", f), "0:2", 2, pseudo=0.6)
+    assert np.array_equal(st.labels, _reference_pseudo(f[:, 0:2], 0.6))
+    from vemscale.errors import UserError
+
+    with pytest.raises(UserError, match=r"must lie in \[0, 1\]"):
+        load_labelled(str(tmp_path / "img.tif"), _write_probs(tmp_path / "l.zarr", f * 8 - 4), "0:2", 2, pseudo=0.6)
 
 
 def test_loss_skips_ignored_pixels_as_if_they_were_not_there():
@@ -80,9 +88,13 @@ def test_loss_skips_ignored_pixels_as_if_they_were_not_there():
         (grad,) = torch.autograd.grad(got, logits)
         assert grad.permute(1, 0, 2, 3)[:, ignored].abs().max() == 0  # ignored pixels teach nothing
         assert grad.permute(1, 0, 2, 3)[:, keep].abs().max() > 0
-    # without IGNORE pixels the loss is what it always was: cross-entropy + Dice over every pixel
+    # without IGNORE pixels the loss is what it always was: cross-entropy + soft Dice of the foreground, written
+    # out here from their definitions
     ce = F.cross_entropy(logits, target)
+    p1, t1 = torch.softmax(logits, 1)[:, 1], (target == 1).float()
+    dice = 1 - (2 * (p1 * t1).sum() + 1) / (p1.sum() + t1.sum() + 1)
     assert segmentation_loss(logits, target, "ce").item() == pytest.approx(ce.item(), rel=1e-6)
+    assert segmentation_loss(logits, target, "ce_dice").item() == pytest.approx((ce + dice).item(), rel=1e-6)
     # a batch with nothing left to learn from: zero, not NaN, and still differentiable
     none = segmentation_loss(logits, torch.full_like(target, IGNORE), "ce_dice")
     assert torch.isfinite(none) and none.requires_grad

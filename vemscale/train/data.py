@@ -42,7 +42,7 @@ class LabelledStack:
     labels: np.ndarray
     name: str
     voxel_size_xyz: tuple[float, float, float] | None
-    weight: float = 1.0  # crops are drawn in proportion to labelled voxels x weight
+    weight: float = 1.0  # crops are drawn in proportion to the stack's voxels (ignored ones included) x weight
     pseudo: bool = False  # labels are a teacher's pseudo-labels (IGNORE where it was unsure)
 
 
@@ -81,13 +81,17 @@ def load_labelled(image_url: str, labels_url: str, slices: str | None, num_class
             f"labels {labels_url!r} have shape {tuple(lab.shape)} (z,y,x) but image {image_url!r} has {tuple(img.shape)}; "
             "they must cover the same voxels"
         )
-    if not np.issubdtype(lab.dtype, np.integer) and lab.dtype != np.bool_:
+    if pseudo is None and not np.issubdtype(lab.dtype, np.integer) and lab.dtype != np.bool_:
         raise UserError(f"labels {labels_url!r} have dtype {lab.dtype}; expected integer class ids")
     zs = parse_range(slices, img_zyx[0])
     image = img.read((slice(None),) * (img.ndim - 3) + (zs,)) if img.ndim >= 3 else img.read()[None]
     image = image if image.ndim == 4 else image[None]
     if pseudo is not None:
-        labels = pseudo_labels(lab.read((slice(None), zs)), pseudo)
+        probs = np.asarray(lab.read((slice(None), zs)))
+        if probs.dtype != np.uint8 and probs.size and not (0 <= float(probs.min()) and float(probs.max()) <= 1):
+            raise UserError(f"pseudo-labels {labels_url!r} hold values in [{float(probs.min()):g}, {float(probs.max()):g}]; "
+                            "float probabilities must lie in [0, 1] (softmax outputs, not logits)")
+        labels = pseudo_labels(probs, pseudo)
         return LabelledStack(image, labels, f"{image_url}[{zs.start}:{zs.stop}] (pseudo-labels)", img.voxel_size_xyz,
                              weight, True)
     labels = lab.read((zs,)) if lab.ndim >= 3 else lab.read()[None]

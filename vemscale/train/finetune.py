@@ -35,7 +35,7 @@ class LabelledVolume(Strict):
     # a model or `vemscale ensemble` run on an unlabeled target volume); a pixel is labelled with its most
     # probable class where that probability is >= pseudo, and skipped by the loss elsewhere
     pseudo: float | None = Field(None, gt=0, le=1)
-    weight: float = Field(1.0, gt=0)  # crops are drawn in proportion to labelled voxels x weight
+    weight: float = Field(1.0, gt=0)  # crops are drawn in proportion to the voxels (ignored ones too) x weight
 
     def load(self, num_classes: int):
         """The chosen slices and their labels (`vemscale.train.data.load_labelled`)."""
