@@ -68,6 +68,37 @@ def test_pseudo_labels_take_the_confident_class_and_ignore_the_rest(tmp_path):
         load_labelled(str(tmp_path / "img.tif"), _write_probs(tmp_path / "l.zarr", f * 8 - 4), "0:2", 2, pseudo=0.6)
 
 
+def test_pseudo_labels_with_an_area_prior_give_the_class_its_share():
+    from vemscale.train.data import IGNORE, LabelledStack, class_shares, pseudo_labels
+
+    rng = np.random.default_rng(3)
+    p1 = rng.random((2, 40, 50))  # distinct values: no ties at the cut
+    p = np.stack([1 - p1, p1])
+    for share in (0.0, 0.05, 0.3):
+        got = pseudo_labels(p, 0.75, [share])
+        n = round(share * p1.size)
+        ref = np.where(p[0] >= 0.75, 0, IGNORE).ravel()  # reference: the n largest p_1 by a full sort
+        if n:
+            ref[np.argsort(p1.ravel())[-n:]] = 1
+        assert np.array_equal(got.ravel(), ref), share
+        assert (got == 1).sum() == n
+    # three classes: each its share, a pixel both claim goes to the more probable class
+    q = rng.dirichlet([1, 1, 1], size=(30, 30)).transpose(2, 0, 1)[:, None]
+    got = pseudo_labels(q, 0.9, [0.2, 0.1])
+    top1 = q[1] >= np.sort(q[1].ravel())[-180]
+    top2 = q[2] >= np.sort(q[2].ravel())[-90]
+    ref = np.where(q[0] >= 0.9, 0, IGNORE)
+    ref = np.where(top1, 1, ref)
+    ref = np.where(top2 & (~top1 | (q[2] > q[1])), 2, ref)
+    assert np.array_equal(got, ref.astype(np.uint8))
+    # the shares of manual labels, which `pseudo_area: source` uses
+    lab = np.zeros((2, 10, 10), np.uint8)
+    lab[0, :5] = 1
+    lab[1, :2, :5] = 2
+    st = LabelledStack(np.zeros((1, 2, 10, 10), np.uint8), lab, "s", None)
+    assert class_shares([st], 3) == pytest.approx([50 / 200, 10 / 200])
+
+
 def test_loss_skips_ignored_pixels_as_if_they_were_not_there():
     from vemscale.train.data import IGNORE
     from vemscale.train.losses import segmentation_loss
@@ -155,6 +186,9 @@ def test_pseudo_label_bad_input_fails_before_training(tmp_path):
         ([f"data.train=[{{image: {tmp_path / 'img.tif'}, labels: {two}, pseudo: 0.5}}]", "select=morphology",
           f"target={tmp_path / 'img.tif'}"], "every training volume has pseudo-labels"),
         ([f"data.train=[{src}]".replace("}]", ", weight: 0}]")], "weight"),
+        ([f"data.train=[{{image: {tmp_path / 'img.tif'}, labels: {two}, pseudo: 0.7, pseudo_area: source}}]"],
+         "pseudo_area=source measures the class shares of the manually labelled"),
+        ([f"data.train=[{src}]".replace("}]", ", pseudo_area: [0.1]}]")], "set pseudo=<confidence> too"),
     ]
     for extra, message in cases:
         rc, err = _finetune_rc(tmp_path, *extra)

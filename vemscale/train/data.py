@@ -46,21 +46,42 @@ class LabelledStack:
     pseudo: bool = False  # labels are a teacher's pseudo-labels (IGNORE where it was unsure)
 
 
-def pseudo_labels(probs: np.ndarray, confidence: float) -> np.ndarray:
+def pseudo_labels(probs: np.ndarray, confidence: float, area: list[float] | None = None) -> np.ndarray:
     """Class probabilities (K, Z, Y, X; uint8 = round(p * 255) as infer writes them, or float in [0, 1]) ->
-    the most probable class (uint8), IGNORE where that class's probability is below `confidence`."""
+    the most probable class (uint8), IGNORE where that class's probability is below `confidence`.
+
+    With `area` (one fraction per foreground class 1..K-1, e.g. the source labels' class shares): foreground class
+    c goes to the round(area[c-1] x N) pixels of highest p_c (ties at the cut included; among classes that claim a
+    pixel, the more probable), background to the rest where p_0 >= `confidence`, IGNORE elsewhere: the teacher's
+    ranking with the source's proportions, for a teacher that under- or over-segments the new volume."""
     p = np.asarray(probs)
-    top = p.max(axis=0)
-    sure = top >= (np.ceil(confidence * 255 - 1e-6) if p.dtype == np.uint8 else confidence)
-    return np.where(sure, p.argmax(axis=0), IGNORE).astype(np.uint8)
+    cut = np.ceil(confidence * 255 - 1e-6) if p.dtype == np.uint8 else confidence
+    if area is None:
+        sure = p.max(axis=0) >= cut
+        return np.where(sure, p.argmax(axis=0), IGNORE).astype(np.uint8)
+    if len(area) != p.shape[0] - 1:
+        raise UserError(f"pseudo-label area: {len(area)} fraction(s) for {p.shape[0] - 1} foreground class(es)")
+    out = np.where(p[0] >= cut, 0, IGNORE).astype(np.uint8)
+    best = np.full(p.shape[1:], -1.0, np.float32)
+    for c, share in enumerate(area, start=1):
+        n = int(round(float(share) * p[c].size))
+        if n <= 0:
+            continue
+        flat = p[c].ravel()
+        t = np.partition(flat, flat.size - n)[flat.size - n]  # the n-th largest p_c
+        claim = (p[c] >= t) & (p[c] > best)
+        out[claim] = c
+        best[claim] = p[c][claim]
+    return out
 
 
 def load_labelled(image_url: str, labels_url: str, slices: str | None, num_classes: int,
-                  pseudo: float | None = None, weight: float = 1.0) -> LabelledStack:
+                  pseudo: float | None = None, weight: float = 1.0,
+                  area: list[float] | None = None) -> LabelledStack:
     """Read the z range `slices` of an image and its labels, failing clearly on any mismatch.
 
     With `pseudo`, `labels_url` is a class-probability volume (c, z, y, x: a `vemscale infer` output's
-    probabilities, one channel per class) and the labels are `pseudo_labels(probs, pseudo)`: self-training on a
+    probabilities, one channel per class) and the labels are `pseudo_labels(probs, pseudo, area)`: self-training on a
     volume without manual labels, from a teacher's predictions."""
     from vemscale.io.volume import open_volume
 
@@ -91,7 +112,7 @@ def load_labelled(image_url: str, labels_url: str, slices: str | None, num_class
         if probs.dtype != np.uint8 and probs.size and not (0 <= float(probs.min()) and float(probs.max()) <= 1):
             raise UserError(f"pseudo-labels {labels_url!r} hold values in [{float(probs.min()):g}, {float(probs.max()):g}]; "
                             "float probabilities must lie in [0, 1] (softmax outputs, not logits)")
-        labels = pseudo_labels(probs, pseudo)
+        labels = pseudo_labels(probs, pseudo, area)
         return LabelledStack(image, labels, f"{image_url}[{zs.start}:{zs.stop}] (pseudo-labels)", img.voxel_size_xyz,
                              weight, True)
     labels = lab.read((zs,)) if lab.ndim >= 3 else lab.read()[None]
@@ -105,6 +126,14 @@ def load_labelled(image_url: str, labels_url: str, slices: str | None, num_class
         )
     return LabelledStack(image, labels.astype(np.uint8), f"{image_url}[{zs.start}:{zs.stop}]", img.voxel_size_xyz,
                          weight)
+
+
+def class_shares(stacks: list[LabelledStack], num_classes: int) -> list[float]:
+    """The share of labelled voxels of each foreground class (1..K-1) over manually labelled stacks."""
+    counts = np.zeros(num_classes, np.int64)
+    for st in stacks:
+        counts += np.bincount(st.labels.ravel(), minlength=num_classes)[:num_classes]
+    return (counts[1:] / max(1, counts.sum())).tolist()
 
 
 def dtype_scale(dtype: np.dtype) -> float:

@@ -35,13 +35,27 @@ class LabelledVolume(Strict):
     # a model or `vemscale ensemble` run on an unlabeled target volume); a pixel is labelled with its most
     # probable class where that probability is >= pseudo, and skipped by the loss elsewhere
     pseudo: float | None = Field(None, gt=0, le=1)
+    # with pseudo: each foreground class goes to the teacher's most probable pixels up to this share of the slices'
+    # pixels (`source`: the class's share in the manually labelled data.train entries; or one fraction per
+    # foreground class), background where p >= pseudo, the rest ignored (vemscale.train.data.pseudo_labels)
+    pseudo_area: Literal["source"] | list[float] | None = None
     weight: float = Field(1.0, gt=0)  # crops are drawn in proportion to the voxels (ignored ones too) x weight
 
-    def load(self, num_classes: int):
-        """The chosen slices and their labels (`vemscale.train.data.load_labelled`)."""
+    @model_validator(mode="after")
+    def _area_needs_pseudo(self) -> "LabelledVolume":
+        if self.pseudo_area is not None and self.pseudo is None:
+            raise ValueError("pseudo_area applies to pseudo-labels: set pseudo=<confidence> too")
+        if isinstance(self.pseudo_area, list) and not all(0 <= a <= 1 for a in self.pseudo_area):
+            raise ValueError("pseudo_area fractions must lie in [0, 1]")
+        return self
+
+    def load(self, num_classes: int, area: list[float] | None = None):
+        """The chosen slices and their labels (`vemscale.train.data.load_labelled`); `area` resolves `source`."""
         from vemscale.train.data import load_labelled
 
-        return load_labelled(self.image, self.labels, self.slices, num_classes, self.pseudo, self.weight)
+        if isinstance(self.pseudo_area, list):
+            area = self.pseudo_area
+        return load_labelled(self.image, self.labels, self.slices, num_classes, self.pseudo, self.weight, area)
 
 
 class DataConfig(Strict):
@@ -234,13 +248,19 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
 def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
     """Check every input and derive what workers need (normalisation, voxel size) before training starts."""
     from vemscale.models import create_model
-    from vemscale.train.data import channel_stats, dtype_scale
+    from vemscale.train.data import channel_stats, class_shares, dtype_scale
 
     if not cfg.data.train:
         raise UserError("the training set is empty: list labelled volumes under data.train (image, labels, slices)")
     create_model(cfg.model.name, num_classes=len(cfg.data.classes), **cfg.model.kwargs)  # name check, early
     k = len(cfg.data.classes)
-    stacks = [s.load(k) for s in cfg.data.train]
+    manual = {i: s.load(k) for i, s in enumerate(cfg.data.train) if s.pseudo is None}
+    shares = class_shares(list(manual.values()), k) if manual else None
+    if shares is None and any(s.pseudo_area == "source" for s in cfg.data.train):
+        raise UserError("pseudo_area=source measures the class shares of the manually labelled data.train entries, "
+                        "and there are none; give the fractions (pseudo_area=[0.05]) or add the labelled source")
+    areas = [shares if s.pseudo_area == "source" else s.pseudo_area for s in cfg.data.train]
+    stacks = [manual[i] if i in manual else s.load(k, areas[i]) for i, s in enumerate(cfg.data.train)]
     val = [s.load(k) for s in cfg.data.val]
     reference = None
     if cfg.data.match_histogram:
@@ -317,6 +337,7 @@ def prepare(cfg: FinetuneConfig) -> dict[str, Any]:
         "selection": selection,
         "input_histogram": histogram,
         "match_reference": None if reference is None else reference.to_dict(),
+        "pseudo_areas": areas,  # pseudo_area per data.train entry, `source` resolved
     }
 
 
@@ -354,6 +375,8 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
     for split in ("train", "val"):  # workers do not share the driver's working directory
         for src in worker_cfg["data"][split]:
             src["image"], src["labels"] = absolute_url(src["image"]), absolute_url(src["labels"])
+    for src, area in zip(worker_cfg["data"]["train"], derived.pop("pseudo_areas")):
+        src["pseudo_area"] = area
     if worker_cfg.get("init"):
         worker_cfg["init"] = absolute_url(worker_cfg["init"])
     if worker_cfg.get("multitask"):

@@ -157,8 +157,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     k = len(dcfg["classes"])
     device = ray.train.torch.get_device()
 
-    stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k, s.get("pseudo"), s.get("weight", 1.0))
-              for s in dcfg["train"]]
+    stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k, s.get("pseudo"), s.get("weight", 1.0),
+                            s.get("pseudo_area")) for s in dcfg["train"]]
     val_stacks = [load_labelled(s["image"], s["labels"], s.get("slices"), k) for s in dcfg["val"]] if rank == 0 else []
     sel = cfg.get("selection")
     target = None
