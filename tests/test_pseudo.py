@@ -215,9 +215,10 @@ def test_self_training_from_an_infer_output_learns_the_teacher(tmp_path, ray_loc
     assert main(["finetune", "configs/finetune_vnc_mito.yaml", f"run_dir={run}", "model.name=tiny",
                  f"data.train=[{{image: {tmp_path / 'img4.tif'}, labels: {probs}, pseudo: 0.8}}]",
                  f"data.val=[{{image: {img}, labels: {lab}, slices: '16:18'}}]",
-                 "train.iterations=60", "train.batch_size=4", "train.crop=128", "train.val_every=60",
-                 "train.checkpoint_every=60", "train.ema=0", "tiles.tta=1"]) == 0
+                 "train.iterations=100", "train.batch_size=4", "train.val_every=100",
+                 "train.checkpoint_every=100", "train.ema=0", "tiles.tta=1"]) == 0
     import csv
 
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val_iou")]
-    assert float(rows[-1]["val_iou"]) > 0.3  # all-background scores 0, a random init ~0.05 (5% mitochondria)
+    # all-background scores 0, all-mitochondria ~0.05; the same run on the true labels of slices 0-15 scores ~0.55
+    assert float(rows[-1]["val_iou"]) > 0.3
